@@ -1,0 +1,54 @@
+"""Builds fastkd and its extension fastkd._C against the torch already installed.
+
+    pip install --no-build-isolation -e .
+
+CPU sources are always built; CUDA sources when a CUDA toolkit and GPU are usable, or when
+FASTKD_FORCE_CUDA=1 (then for sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise).
+"""
+import glob
+import os
+import re
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as error:
+    raise SystemExit("fastkd builds against your installed torch: install torch first, then "
+                     "`pip install --no-build-isolation -e .`") from error
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VERSION = re.search(r'__version__ = "([^"]+)"', open(os.path.join(HERE, "fastkd", "__init__.py")).read()).group(1)
+
+
+def with_cuda() -> bool:
+    if os.environ.get("FASTKD_FORCE_CUDA", "0") == "1":
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        return True
+    return CUDA_HOME is not None and torch.cuda.is_available()
+
+
+def extension():
+    cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    args = {"cxx": ["-O3"]}
+    if not with_cuda():
+        return CppExtension("fastkd._C", cpp, extra_compile_args=args)
+    args["nvcc"] = ["-O3"]
+    return CUDAExtension("fastkd._C", cpp + sorted(glob.glob("csrc/cuda/*.cu")),
+                         define_macros=[("FASTKD_WITH_CUDA", None)], extra_compile_args=args)
+
+
+setup(
+    name="fastkd",
+    version=VERSION,
+    description="Fused Triton and C++/CUDA kernels for knowledge-distillation losses (L2D, TaT, LGD)",
+    long_description=open(os.path.join(HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["fastkd", "fastkd.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.5", "numpy"],
+    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)

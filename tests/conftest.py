@@ -1,0 +1,55 @@
+"""Test setup: without a GPU, Triton kernels run on CPU tensors under the Triton interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported, hence at the top of this file.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Kernel path x device. "triton-cpu" runs the GPU kernels under the interpreter (CPU machines only);
+# "triton-cuda" runs them compiled. Cases that cannot run here are skipped, so they still show up.
+BACKENDS = {
+    "torch-cpu": ("torch", "cpu"),
+    "triton-cpu": ("triton", "cpu"),
+    "triton-cuda": ("auto", "cuda"),
+}
+
+
+@pytest.fixture(params=list(BACKENDS))
+def device(request, monkeypatch):
+    """Device to test on, with FASTKD_BACKEND set so the named kernel path runs."""
+    backend, dev = BACKENDS[request.param]
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if request.param == "triton-cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter is off (a GPU is present)")
+    monkeypatch.setenv("FASTKD_BACKEND", backend)
+    return torch.device(dev)
+
+
+# Tolerances per dtype for a loss or gradient against a float64 reference on the same inputs:
+# fp32 accumulation everywhere, so low-precision errors come from rounding the output itself.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=2e-3, atol=1e-4),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3),
+}
+
+
+@pytest.fixture(params=[torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def dtype(request, device):
+    """Floating dtypes; bf16 needs CUDA (the interpreter does not support it)."""
+    if request.param == torch.bfloat16 and device.type != "cuda":
+        pytest.skip("bf16 runs on CUDA only")
+    return request.param
+
+
+def assert_close(actual, expected, dtype=None):
+    """Compare to a (float64) reference with the tolerance of `dtype` (default: actual's dtype)."""
+    tol = TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), equal_nan=True, **tol)
