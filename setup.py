@@ -8,6 +8,7 @@ FASTKD_FORCE_CUDA=1 (then for sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says o
 import glob
 import os
 import re
+import sys
 
 from setuptools import find_packages, setup
 
@@ -31,11 +32,13 @@ def with_cuda() -> bool:
 
 def extension():
     cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    args = {"cxx": ["-O3"]}
+    # OpenMP: at::parallel_for is a header template that runs serially unless its caller is built with it
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    args = {"cxx": ["-O3"] + openmp}
     if not with_cuda():
-        return CppExtension("fastkd._C", cpp, extra_compile_args=args)
+        return CppExtension("fastkd._C", cpp, extra_compile_args=args, extra_link_args=openmp)
     args["nvcc"] = ["-O3"]
-    return CUDAExtension("fastkd._C", cpp + sorted(glob.glob("csrc/cuda/*.cu")),
+    return CUDAExtension("fastkd._C", cpp + sorted(glob.glob("csrc/cuda/*.cu")), extra_link_args=openmp,
                          define_macros=[("FASTKD_WITH_CUDA", None)], extra_compile_args=args)
 
 

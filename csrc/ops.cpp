@@ -17,4 +17,8 @@ std::string build_info() {
 
 TORCH_LIBRARY(fastkd, m) {
   m.def("_build_info() -> str", &fastkd::build_info);
+  // MLD's CPU kernels (csrc/cpu/binary_kl.cpp), called by the fastkd::binary_kl_div custom op.
+  m.def("_binary_kl_div_cpu(Tensor student, Tensor teacher, float temperature, str reduction) -> Tensor");
+  m.def("_binary_kl_div_backward_cpu(Tensor grad, Tensor student, Tensor teacher, float temperature, str reduction, "
+        "bool teacher_grad) -> Tensor[]");
 }

@@ -1,2 +1,2 @@
-"""Compute backends of each op: ``*_triton.py`` (fused Triton kernels + launchers, CUDA or the
-Triton interpreter) and ``*_torch.py`` (vectorised PyTorch, the CPU path). Same signatures."""
+"""Compute backends of each op, same signatures: ``<op>_triton.py`` (fused Triton kernels and their
+launchers: CUDA, or CPU under the Triton interpreter) and ``<op>_cpu.py`` (the CPU kernels of fastkd._C)."""

@@ -1,0 +1,104 @@
+// CPU implementation of MLD's internal ops fastkd::_binary_kl_div_cpu and _binary_kl_div_backward_cpu,
+// called by the fastkd::binary_kl_div custom op for CPU tensors (see fastkd/kernels/binary_kl_cpu.py).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "binary_kl.h"
+
+namespace fastkd::cpu {
+namespace {
+
+bool use_avx2() {
+#if defined(__x86_64__)
+  static const bool avx2 = [] {
+    // ATEN_CPU_CAPABILITY=default turns the vector builds off, as for torch's own kernels
+    const char* capability = std::getenv("ATEN_CPU_CAPABILITY");
+    const bool portable_only = capability != nullptr && std::string(capability) == "default";
+    return !portable_only && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }();
+  return avx2;
+#else
+  return false;
+#endif
+}
+
+// sum -> 1, mean -> 1 / numel, batchmean -> 1 / size(0); NaN for a zero count (as torch).
+double loss_scale(const at::Tensor& x, c10::string_view reduction) {
+  double count = 1;
+  if (reduction == "mean") count = static_cast<double>(x.numel());
+  if (reduction == "batchmean") count = static_cast<double>(x.size(0));
+  return count == 0 ? std::numeric_limits<double>::quiet_NaN() : 1.0 / count;
+}
+
+}  // namespace
+
+// The kernel instantiation for this CPU: FASTKD_PICK(backward<float, float>)(args...).
+#if defined(__x86_64__)
+#define FASTKD_PICK(...) (use_avx2() ? &AVX2::__VA_ARGS__ : &DEFAULT::__VA_ARGS__)
+#else
+#define FASTKD_PICK(...) (&DEFAULT::__VA_ARGS__)
+#endif
+
+at::Tensor binary_kl_div_forward(const at::Tensor& student, const at::Tensor& teacher, double temperature,
+                                 c10::string_view reduction) {
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "teacher must have the shape of student");
+  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
+  const int64_t n = s.numel();
+  if (reduction == "none") {
+    at::Tensor out = at::empty_like(s);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "binary_kl_div_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      FASTKD_PICK(forward_elementwise<scalar_t, acc_t>)(s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), n,
+                                                        static_cast<acc_t>(1.0 / temperature),
+                                                        out.mutable_data_ptr<scalar_t>());
+    });
+    return out;
+  }
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "binary_kl_div_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> partials((n + kReduceBlock - 1) / kReduceBlock);
+    FASTKD_PICK(forward_block_sums<scalar_t, acc_t>)(s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), n,
+                                                     static_cast<acc_t>(1.0 / temperature), partials.data());
+    double sum = 0;  // fixed order: the result does not depend on the number of threads
+    for (acc_t partial : partials) sum += static_cast<double>(partial);
+    loss = at::scalar_tensor(sum * loss_scale(s, reduction), s.options());
+  });
+  return loss;
+}
+
+std::vector<at::Tensor> binary_kl_div_backward(const at::Tensor& grad, const at::Tensor& student,
+                                               const at::Tensor& teacher, double temperature,
+                                               c10::string_view reduction, bool teacher_grad) {
+  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
+  const bool grad_is_scalar = reduction != "none";
+  const at::Tensor g = grad_is_scalar ? grad.reshape({}).to(s.scalar_type()) : grad.expand_as(s).contiguous();
+  at::Tensor ds = at::empty_like(s);
+  at::Tensor dt = teacher_grad ? at::empty_like(t) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "binary_kl_div_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    FASTKD_PICK(backward<scalar_t, acc_t>)(
+        s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), grad_is_scalar,
+        s.numel(), static_cast<acc_t>(1.0 / temperature),
+        static_cast<acc_t>(loss_scale(s, reduction) / temperature), ds.mutable_data_ptr<scalar_t>(),
+        teacher_grad ? dt.mutable_data_ptr<scalar_t>() : nullptr);
+  });
+  if (teacher_grad) return {ds, dt};
+  return {ds};
+}
+
+}  // namespace fastkd::cpu
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("_binary_kl_div_cpu", &fastkd::cpu::binary_kl_div_forward);
+  m.impl("_binary_kl_div_backward_cpu", &fastkd::cpu::binary_kl_div_backward);
+}

@@ -1,0 +1,26 @@
+// Declarations of the per-capability MLD CPU kernels (defined in binary_kl_kernel.h, instantiated in
+// binary_kl_default.cpp and, on x86-64, binary_kl_avx2.cpp).
+#pragma once
+
+#include <cstdint>
+
+namespace fastkd::cpu {
+// Elements per reduction block: blocks are summed in a fixed order, so sums do not depend on threads.
+constexpr int64_t kReduceBlock = 16384;
+}  // namespace fastkd::cpu
+
+#define FASTKD_DECLARE_BINARY_KL(NS)                                                                            \
+  namespace fastkd::cpu::NS {                                                                                   \
+  template <typename scalar_t, typename acc_t>                                                                  \
+  void forward_block_sums(const scalar_t* s, const scalar_t* t, int64_t n, acc_t inv_temperature, acc_t* partials); \
+  template <typename scalar_t, typename acc_t>                                                                  \
+  void forward_elementwise(const scalar_t* s, const scalar_t* t, int64_t n, acc_t inv_temperature, scalar_t* out); \
+  template <typename scalar_t, typename acc_t>                                                                  \
+  void backward(const scalar_t* s, const scalar_t* t, const scalar_t* grad, bool grad_is_scalar, int64_t n,     \
+                acc_t inv_temperature, acc_t scale, scalar_t* ds, scalar_t* dt);                                 \
+  }
+
+FASTKD_DECLARE_BINARY_KL(DEFAULT)
+#if defined(__x86_64__)
+FASTKD_DECLARE_BINARY_KL(AVX2)
+#endif

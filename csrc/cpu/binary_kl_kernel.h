@@ -1,0 +1,156 @@
+// MLD (per-label binary KL) CPU kernels, written once with at::vec and compiled per CPU capability
+// (binary_kl_default.cpp, binary_kl_avx2.cpp). Same math as fastkd/kernels/binary_kl_triton.py:
+//   a = z_s / T, b = z_t / T, sp(x) = log1p(exp(-|x|)), p_t = sigmoid(b)
+//   kl = p_t ((min(b,0) - min(a,0)) - (sp(b) - sp(a))) + (1 - p_t) ((max(a,0) - max(b,0)) - (sp(b) - sp(a)))
+//   dkl/da = sigmoid(a) - sigmoid(b),  dkl/db = sigmoid(b) sigmoid(-b) (b - a)
+// Include only from a file that has defined CPU_CAPABILITY (the namespace keeps builds apart).
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/Parallel.h>
+
+#include "binary_kl.h"
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fastkd::cpu::CPU_CAPABILITY {
+
+constexpr int64_t kBlock = kReduceBlock;
+constexpr int64_t kChunk = 256;  // elements converted to the accumulation type at a time
+
+template <typename acc_t>
+using Vec = at::vec::Vectorized<acc_t>;
+
+// (sigmoid(x), sigmoid(-x)) from e = exp(-|x|), without overflow or 1 - sigmoid cancellation.
+template <typename acc_t>
+inline void sigmoid_pair(const Vec<acc_t>& x, const Vec<acc_t>& e, Vec<acc_t>& pos, Vec<acc_t>& neg) {
+  const Vec<acc_t> r = Vec<acc_t>(1) / (Vec<acc_t>(1) + e);
+  const Vec<acc_t> er = e * r;
+  const Vec<acc_t> nonneg = x >= Vec<acc_t>(0);
+  pos = Vec<acc_t>::blendv(er, r, nonneg);
+  neg = Vec<acc_t>::blendv(r, er, nonneg);
+}
+
+template <typename acc_t>
+inline Vec<acc_t> exp_neg_abs(const Vec<acc_t>& x) {
+  return x.abs().neg().exp();
+}
+
+template <typename acc_t>
+inline Vec<acc_t> binary_kl(const Vec<acc_t>& a, const Vec<acc_t>& b) {
+  const Vec<acc_t> zero(0);
+  const Vec<acc_t> e_b = exp_neg_abs(b);
+  const Vec<acc_t> d_sp = e_b.log1p() - exp_neg_abs(a).log1p();
+  const Vec<acc_t> d_pos = (at::vec::minimum(b, zero) - at::vec::minimum(a, zero)) - d_sp;
+  const Vec<acc_t> d_neg = (at::vec::maximum(a, zero) - at::vec::maximum(b, zero)) - d_sp;
+  Vec<acc_t> p_t, q_t;
+  sigmoid_pair(b, e_b, p_t, q_t);
+  return p_t * d_pos + q_t * d_neg;
+}
+
+// Copy up to kChunk elements of scalar_t into acc_t (a no-op pointer pass for acc_t inputs).
+template <typename scalar_t, typename acc_t>
+inline const acc_t* to_acc(const scalar_t* src, int64_t count, acc_t* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < count; ++i) buffer[i] = static_cast<acc_t>(src[i]);
+    return buffer;
+  }
+}
+
+// Runs body(a, b, offset, count) over vectors of scaled logits in [begin, end).
+template <typename scalar_t, typename acc_t, typename Body>
+inline void for_each_vector(const scalar_t* s, const scalar_t* t, acc_t inv_temperature, int64_t begin,
+                            int64_t end, Body&& body) {
+  constexpr int64_t width = Vec<acc_t>::size();
+  alignas(64) acc_t s_buf[kChunk];
+  alignas(64) acc_t t_buf[kChunk];
+  const Vec<acc_t> scale(inv_temperature);
+  for (int64_t chunk = begin; chunk < end; chunk += kChunk) {
+    const int64_t chunk_len = std::min(kChunk, end - chunk);
+    const acc_t* sa = to_acc(s + chunk, chunk_len, s_buf);
+    const acc_t* ta = to_acc(t + chunk, chunk_len, t_buf);
+    for (int64_t i = 0; i < chunk_len; i += width) {
+      const int64_t count = std::min(width, chunk_len - i);
+      body(Vec<acc_t>::loadu(sa + i, count) * scale, Vec<acc_t>::loadu(ta + i, count) * scale, chunk + i, count);
+    }
+  }
+}
+
+// Sum of kl over each kBlock-sized block of n elements into partials[ceil(n / kBlock)].
+template <typename scalar_t, typename acc_t>
+void forward_block_sums(const scalar_t* s, const scalar_t* t, int64_t n, acc_t inv_temperature, acc_t* partials) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t block = first; block < last; ++block) {
+      Vec<acc_t> acc(0);
+      for_each_vector(s, t, inv_temperature, block * kBlock, std::min(n, (block + 1) * kBlock),
+                      [&](const Vec<acc_t>& a, const Vec<acc_t>& b, int64_t, int64_t) { acc += binary_kl(a, b); });
+      alignas(64) acc_t lanes[Vec<acc_t>::size()];
+      acc.store(lanes);
+      acc_t sum = 0;
+      for (int64_t i = 0; i < Vec<acc_t>::size(); ++i) sum += lanes[i];
+      partials[block] = sum;
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_elementwise(const scalar_t* s, const scalar_t* t, int64_t n, acc_t inv_temperature, scalar_t* out) {
+  at::parallel_for(0, n, kBlock, [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t lanes[Vec<acc_t>::size()];
+    for_each_vector(s, t, inv_temperature, begin, end,
+                    [&](const Vec<acc_t>& a, const Vec<acc_t>& b, int64_t offset, int64_t count) {
+                      binary_kl(a, b).store(lanes, count);
+                      for (int64_t i = 0; i < count; ++i) out[offset + i] = static_cast<scalar_t>(lanes[i]);
+                    });
+  });
+}
+
+// ds = g (sigmoid(a) - sigmoid(b)); dt = g sigmoid(b) sigmoid(-b) (b - a) when dt != nullptr.
+// g = grad[0] * scale when grad_is_scalar, else grad[i] * scale.
+template <typename scalar_t, typename acc_t>
+void backward(const scalar_t* s, const scalar_t* t, const scalar_t* grad, bool grad_is_scalar, int64_t n,
+              acc_t inv_temperature, acc_t scale, scalar_t* ds, scalar_t* dt) {
+  at::parallel_for(0, n, kBlock, [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t lanes[Vec<acc_t>::size()];
+    alignas(64) acc_t g_buf[Vec<acc_t>::size()];
+    const Vec<acc_t> g_scalar(grad_is_scalar ? static_cast<acc_t>(grad[0]) * scale : acc_t(0));
+    for_each_vector(s, t, inv_temperature, begin, end,
+                    [&](const Vec<acc_t>& a, const Vec<acc_t>& b, int64_t offset, int64_t count) {
+                      Vec<acc_t> g = g_scalar;
+                      if (!grad_is_scalar) {
+                        for (int64_t i = 0; i < count; ++i) g_buf[i] = static_cast<acc_t>(grad[offset + i]) * scale;
+                        g = Vec<acc_t>::loadu(g_buf, count);
+                      }
+                      Vec<acc_t> sig_a, unused, sig_b, sig_nb;
+                      sigmoid_pair(a, exp_neg_abs(a), sig_a, unused);
+                      sigmoid_pair(b, exp_neg_abs(b), sig_b, sig_nb);
+                      (g * (sig_a - sig_b)).store(lanes, count);
+                      for (int64_t i = 0; i < count; ++i) ds[offset + i] = static_cast<scalar_t>(lanes[i]);
+                      if (dt != nullptr) {
+                        (g * sig_b * sig_nb * (b - a)).store(lanes, count);
+                        for (int64_t i = 0; i < count; ++i) dt[offset + i] = static_cast<scalar_t>(lanes[i]);
+                      }
+                    });
+  });
+}
+
+}  // namespace fastkd::cpu::CPU_CAPABILITY
+
+// Explicit instantiations for every supported dtype, placed by each capability's .cpp file.
+#define FASTKD_INSTANTIATE_BINARY_KL(scalar_t, acc_t)                                                          \
+  template void fastkd::cpu::CPU_CAPABILITY::forward_block_sums<scalar_t, acc_t>(const scalar_t*, const scalar_t*, \
+                                                                                 int64_t, acc_t, acc_t*);      \
+  template void fastkd::cpu::CPU_CAPABILITY::forward_elementwise<scalar_t, acc_t>(                             \
+      const scalar_t*, const scalar_t*, int64_t, acc_t, scalar_t*);                                            \
+  template void fastkd::cpu::CPU_CAPABILITY::backward<scalar_t, acc_t>(                                        \
+      const scalar_t*, const scalar_t*, const scalar_t*, bool, int64_t, acc_t, acc_t, scalar_t*, scalar_t*);
+
+#define FASTKD_INSTANTIATE_BINARY_KL_ALL()              \
+  FASTKD_INSTANTIATE_BINARY_KL(float, float)            \
+  FASTKD_INSTANTIATE_BINARY_KL(double, double)          \
+  FASTKD_INSTANTIATE_BINARY_KL(c10::Half, float)        \
+  FASTKD_INSTANTIATE_BINARY_KL(c10::BFloat16, float)
