@@ -39,3 +39,19 @@ def check_positive_number(name: str, value) -> float:
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_binary_mask(name: str, mask, shape) -> torch.Tensor:
+    """A (shape) tensor of 0/1 values (bool, integer or float) as bool. Non-bool values are checked on
+    the device (one sync), except while torch.compile traces."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise TypeError(f"{name} must hold 0/1 values as bool, integer or float, got dtype {mask.dtype}")
+    if not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"{name} must hold only 0 and 1, got other values (dtype {mask.dtype})")
+    return mask != 0

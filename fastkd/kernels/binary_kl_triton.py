@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels.reductions import loss_scale
+from fastkd.kernels.common import loss_scale
 from fastkd.kernels.triton_utils import compute_dtype, max_programs, sigmoid_pair, softplus_neg_abs
 
 BLOCK = 1024

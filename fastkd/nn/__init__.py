@@ -1,4 +1,4 @@
 """Loss modules (and, later, models) built on fastkd.functional."""
-from fastkd.nn.losses import MLDLoss
+from fastkd.nn.losses import LEDLoss, MLDLoss
 
-__all__ = ["MLDLoss"]
+__all__ = ["LEDLoss", "MLDLoss"]

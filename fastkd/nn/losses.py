@@ -1,7 +1,7 @@
 """Distillation losses as nn.Modules."""
 from torch import Tensor, nn
 
-from fastkd.functional import binary_kl_div
+from fastkd.functional import binary_kl_div, led_cd_loss, led_id_loss
 
 
 class MLDLoss(nn.Module):
@@ -21,3 +21,30 @@ class MLDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, reduction={self.reduction!r}"
+
+
+class LEDLoss(nn.Module):
+    """L2D's label-wise embedding distillation: lambda_cd * CD + lambda_id * ID (official weights 100, 1000).
+
+    forward(student_emb (B, Q, Ds), teacher_emb (B, Q, Dt), targets (B, Q) 0/1). kwargs (delta, normalize,
+    reduction, mean_floor) go to both terms; `process_group` makes CD span the global batch under DDP.
+    """
+
+    def __init__(self, lambda_cd: float = 100.0, lambda_id: float = 1000.0, process_group=None, **kwargs):
+        super().__init__()
+        self.lambda_cd, self.lambda_id = lambda_cd, lambda_id
+        self.process_group = process_group
+        self.kwargs = kwargs
+
+    def forward(self, student_emb: Tensor, teacher_emb: Tensor, targets: Tensor) -> Tensor:
+        loss = student_emb.new_zeros(())
+        if self.lambda_cd:
+            loss = loss + self.lambda_cd * led_cd_loss(student_emb, teacher_emb, targets,
+                                                       process_group=self.process_group, **self.kwargs)
+        if self.lambda_id:
+            loss = loss + self.lambda_id * led_id_loss(student_emb, teacher_emb, targets, **self.kwargs)
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"lambda_cd={self.lambda_cd}, lambda_id={self.lambda_id}" + "".join(
+            f", {k}={v!r}" for k, v in self.kwargs.items())

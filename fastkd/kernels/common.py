@@ -1,5 +1,12 @@
-"""Loss reductions shared by every backend (no Triton import)."""
+"""Helpers shared by every backend (no Triton import)."""
 import math
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def loss_scale(shape, reduction: str) -> float:

@@ -1,0 +1,213 @@
+"""Triton kernels for the masked pairwise Huber loss (L2D's LED-CD / LED-ID) over variable-size groups.
+
+Layout: x (G, N, D) read in place through its strides; per group g, `members[g, :counts[g]]` lists the
+member positions n, the first `queries[g]` of them being the rows this process owns (all of them outside
+DDP). Programs are (group, row tile i, column tile j) with tiles of BLOCK_N members; tiles past a group's
+size exit at once, so the work is sum_g n_g^2 (Ds + Dt). Nothing of size n^2 or n*D leaves registers.
+
+For each ordered pair (i query, j member, i != j), with D_ij = sqrt(max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j,
+1e-12)) (Gram term on tensor cores with tl.dot; tf32x3 for fp32 keeps fp32 accuracy):
+  pass 1  pair_sums:  sum_ij Ds_ij, sum_ij Dt_ij                          -> normalising means m_s, m_t
+  pass 2  pair_loss:  sum_ij h(u_ij), sum_ij h'(u_ij) Ds_ij,  u = Ds/m_s - Dt/m_t, h = Huber(delta)
+  pass 3  pair_grad:  W_ij = w_g (h'(u_ij) - c_g) / (m_s Ds_ij)  (0 where the clamp is active),
+                      grad_i = 2 (rowsum(W)_i x_i - (W X)_i)
+c_g = sum h' Ds / sum Ds carries the gradient through the student's own mean; the factor 2 counts both
+(i, j) and (j, i), which is what lets a DDP rank get its rows' full gradient from its own pairs only.
+Per-group partial sums are written per program and summed in a fixed order (deterministic).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from fastkd.kernels.common import acc_dtype
+
+BLOCK_N = 32
+BLOCK_D = 64
+NUM_WARPS = 4
+
+
+@triton.jit
+def _distances(x_ptr, stride_g, stride_n, stride_d, g, rows_i, valid_i, rows_j, valid_j, D,
+               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """(distance tile (BI, BJ) in ACC, mask of pairs whose squared distance hit the clamp)."""
+    base = x_ptr + g.to(tl.int64) * stride_g
+    gram = tl.zeros([rows_i.shape[0], rows_j.shape[0]], dtype=ACC)
+    sq_i = tl.zeros([rows_i.shape[0]], dtype=ACC)
+    sq_j = tl.zeros([rows_j.shape[0]], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        in_d = d < D
+        a = tl.load(base + rows_i[:, None] * stride_n + d[None, :] * stride_d,
+                    mask=valid_i[:, None] & in_d[None, :], other=0.0)
+        b = tl.load(base + rows_j[:, None] * stride_n + d[None, :] * stride_d,
+                    mask=valid_j[:, None] & in_d[None, :], other=0.0)
+        gram += tl.dot(a, tl.trans(b), input_precision=PRECISION, out_dtype=ACC)
+        a_acc = a.to(ACC)
+        b_acc = b.to(ACC)
+        sq_i += tl.sum(a_acc * a_acc, axis=1)
+        sq_j += tl.sum(b_acc * b_acc, axis=1)
+    d2 = sq_i[:, None] + sq_j[None, :] - 2.0 * gram
+    return tl.sqrt(tl.maximum(d2, 1e-12)), d2 < 1e-12
+
+
+@triton.jit
+def _tile(members_ptr, counts_ptr, queries_ptr, max_n, g, ti, tj, BLOCK_N: tl.constexpr):
+    """Member positions and validity of row tile ti and column tile tj of group g, and the pair mask."""
+    n = tl.load(counts_ptr + g)
+    nq = tl.load(queries_ptr + g)
+    i = ti * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = tj * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid_i = i < nq
+    valid_j = j < n
+    rows_i = tl.load(members_ptr + g.to(tl.int64) * max_n + i, mask=valid_i, other=0).to(tl.int64)
+    rows_j = tl.load(members_ptr + g.to(tl.int64) * max_n + j, mask=valid_j, other=0).to(tl.int64)
+    pairs = valid_i[:, None] & valid_j[None, :] & (i[:, None] != j[None, :])
+    return rows_i, valid_i, rows_j, valid_j, pairs
+
+
+@triton.jit
+def _pair_sums_kernel(s_ptr, ssg, ssn, ssd, t_ptr, tsg, tsn, tsd, members_ptr, counts_ptr, queries_ptr, out_ptr,
+                      max_n, tiles, Ds, Dt, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                      ACC: tl.constexpr):
+    g = tl.program_id(0)
+    tile = tl.program_id(1)
+    ti = tile // tiles
+    tj = tile % tiles
+    n = tl.load(counts_ptr + g)
+    if (n >= 2) & (ti * BLOCK_N < tl.load(queries_ptr + g)) & (tj * BLOCK_N < n):
+        rows_i, valid_i, rows_j, valid_j, pairs = _tile(members_ptr, counts_ptr, queries_ptr, max_n, g, ti, tj,
+                                                        BLOCK_N)
+        d_s, _ = _distances(s_ptr, ssg, ssn, ssd, g, rows_i, valid_i, rows_j, valid_j, Ds, BLOCK_D, PRECISION, ACC)
+        d_t, _ = _distances(t_ptr, tsg, tsn, tsd, g, rows_i, valid_i, rows_j, valid_j, Dt, BLOCK_D, PRECISION, ACC)
+        out = out_ptr + (g.to(tl.int64) * tl.num_programs(1) + tile) * 2
+        tl.store(out, tl.sum(tl.sum(tl.where(pairs, d_s, 0.0), axis=1), axis=0))
+        tl.store(out + 1, tl.sum(tl.sum(tl.where(pairs, d_t, 0.0), axis=1), axis=0))
+
+
+@triton.jit
+def _huber_and_slope(u, delta):
+    a = tl.abs(u)
+    h = tl.where(a <= delta, 0.5 * u * u, delta * (a - 0.5 * delta))
+    return h, tl.minimum(tl.maximum(u, -delta), delta)
+
+
+@triton.jit
+def _pair_loss_kernel(s_ptr, ssg, ssn, ssd, t_ptr, tsg, tsn, tsd, members_ptr, counts_ptr, queries_ptr, means_ptr,
+                      out_ptr, max_n, tiles, Ds, Dt, delta,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                      ACC: tl.constexpr):
+    g = tl.program_id(0)
+    tile = tl.program_id(1)
+    ti = tile // tiles
+    tj = tile % tiles
+    n = tl.load(counts_ptr + g)
+    if (n >= 2) & (ti * BLOCK_N < tl.load(queries_ptr + g)) & (tj * BLOCK_N < n):
+        rows_i, valid_i, rows_j, valid_j, pairs = _tile(members_ptr, counts_ptr, queries_ptr, max_n, g, ti, tj,
+                                                        BLOCK_N)
+        d_s, _ = _distances(s_ptr, ssg, ssn, ssd, g, rows_i, valid_i, rows_j, valid_j, Ds, BLOCK_D, PRECISION, ACC)
+        d_t, _ = _distances(t_ptr, tsg, tsn, tsd, g, rows_i, valid_i, rows_j, valid_j, Dt, BLOCK_D, PRECISION, ACC)
+        u = d_s / tl.load(means_ptr + 2 * g) - d_t / tl.load(means_ptr + 2 * g + 1)
+        h, slope = _huber_and_slope(u, delta)
+        out = out_ptr + (g.to(tl.int64) * tl.num_programs(1) + tile) * 2
+        tl.store(out, tl.sum(tl.sum(tl.where(pairs, h, 0.0), axis=1), axis=0))
+        tl.store(out + 1, tl.sum(tl.sum(tl.where(pairs, slope * d_s, 0.0), axis=1), axis=0))
+
+
+@triton.jit
+def _pair_grad_kernel(s_ptr, ssg, ssn, ssd, t_ptr, tsg, tsn, tsd, members_ptr, counts_ptr, queries_ptr, means_ptr,
+                      coef_ptr, weight_ptr, row_offsets_ptr, acc_ptr, grad_ptr, gsg, gsn, gsd,
+                      max_n, tiles, Ds, Dt, delta,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                      ACC: tl.constexpr, ACC_PRECISION: tl.constexpr):
+    g = tl.program_id(0)
+    ti = tl.program_id(1)
+    n = tl.load(counts_ptr + g)
+    if (n >= 2) & (ti * BLOCK_N < tl.load(queries_ptr + g)):
+        m_s = tl.load(means_ptr + 2 * g)
+        m_t = tl.load(means_ptr + 2 * g + 1)
+        c = tl.load(coef_ptr + g)
+        w = 2.0 * tl.load(weight_ptr + g) / m_s
+        s_base = s_ptr + g.to(tl.int64) * ssg
+        # fp32 rows of (W X) for this tile, in a scratch buffer owned by this program (no atomics)
+        i_local = ti * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc_rows = tl.load(row_offsets_ptr + g) + i_local.to(tl.int64)
+        rowsum = tl.zeros([BLOCK_N], dtype=ACC)
+        for tj in range(0, tiles):
+            if tj * BLOCK_N < n:
+                rows_i, valid_i, rows_j, valid_j, pairs = _tile(members_ptr, counts_ptr, queries_ptr, max_n, g, ti,
+                                                                tj, BLOCK_N)
+                d_s, clamped = _distances(s_ptr, ssg, ssn, ssd, g, rows_i, valid_i, rows_j, valid_j, Ds, BLOCK_D,
+                                          PRECISION, ACC)
+                d_t, _ = _distances(t_ptr, tsg, tsn, tsd, g, rows_i, valid_i, rows_j, valid_j, Dt, BLOCK_D, PRECISION, ACC)
+                _, slope = _huber_and_slope(d_s / m_s - d_t / m_t, delta)
+                weights = tl.where(pairs & (clamped == 0), w * (slope - c) / d_s, 0.0)
+                rowsum += tl.sum(weights, axis=1)
+                for d0 in range(0, Ds, BLOCK_D):
+                    d = d0 + tl.arange(0, BLOCK_D)
+                    in_d = d < Ds
+                    x_j = tl.load(s_base + rows_j[:, None] * ssn + d[None, :] * ssd,
+                                  mask=valid_j[:, None] & in_d[None, :], other=0.0).to(ACC)
+                    acc_ptrs = acc_ptr + acc_rows[:, None] * Ds + d[None, :]
+                    io_mask = valid_i[:, None] & in_d[None, :]
+                    partial = tl.dot(weights, x_j, input_precision=ACC_PRECISION, out_dtype=ACC)
+                    tl.store(acc_ptrs, tl.load(acc_ptrs, mask=io_mask, other=0.0) + partial, mask=io_mask)
+        rows_i, valid_i, _, _, _ = _tile(members_ptr, counts_ptr, queries_ptr, max_n, g, ti, 0, BLOCK_N)
+        for d0 in range(0, Ds, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            io_mask = valid_i[:, None] & (d < Ds)[None, :]
+            x_i = tl.load(s_base + rows_i[:, None] * ssn + d[None, :] * ssd, mask=io_mask, other=0.0).to(ACC)
+            wx = tl.load(acc_ptr + acc_rows[:, None] * Ds + d[None, :], mask=io_mask, other=0.0)
+            grad = rowsum[:, None] * x_i - wx
+            tl.store(grad_ptr + g.to(tl.int64) * gsg + rows_i[:, None] * gsn + d[None, :] * gsd,
+                     grad.to(grad_ptr.dtype.element_ty), mask=io_mask)
+
+
+def _launch_options(dtype):
+    """Dot precision for the input dtype (tf32x3 keeps fp32 accuracy on tensor cores) and accumulation."""
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    return dict(PRECISION="tf32x3" if dtype == torch.float32 else "ieee", ACC=acc,
+                BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+
+
+def _tiles(max_n: int) -> int:
+    return max(triton.cdiv(max_n, BLOCK_N), 1)
+
+
+def pair_sums(student, teacher, members, counts, queries, max_n: int):
+    """(G, 2) in the accumulation dtype: sums of student and teacher distances over each group's ordered query pairs."""
+    G, tiles = student.shape[0], _tiles(max_n)
+    partials = torch.zeros(G, tiles * tiles, 2, dtype=acc_dtype(student.dtype), device=student.device)
+    if G:
+        _pair_sums_kernel[(G, tiles * tiles)](
+            student, *student.stride(), teacher, *teacher.stride(), members, counts, queries, partials,
+            max_n, tiles, student.shape[2], teacher.shape[2],
+            **_launch_options(student.dtype))
+    return partials.sum(1)
+
+
+def pair_loss(student, teacher, members, counts, queries, max_n: int, means, delta: float):
+    """(G, 2) in the accumulation dtype: [sum of Huber terms, sum of h'(u) * Ds] over each group's ordered query pairs."""
+    G, tiles = student.shape[0], _tiles(max_n)
+    partials = torch.zeros(G, tiles * tiles, 2, dtype=acc_dtype(student.dtype), device=student.device)
+    if G:
+        _pair_loss_kernel[(G, tiles * tiles)](
+            student, *student.stride(), teacher, *teacher.stride(), members, counts, queries, means.contiguous(),
+            partials, max_n, tiles, student.shape[2], teacher.shape[2], delta,
+            **_launch_options(student.dtype))
+    return partials.sum(1)
+
+
+def pair_grad(student, teacher, members, counts, queries, max_n: int, total_queries: int, means, coef, weight,
+              delta: float):
+    """Gradient w.r.t. student (same shape and strides; zero outside the query members)."""
+    G, tiles = student.shape[0], _tiles(max_n)
+    grad = torch.zeros_like(student)
+    if G and total_queries:
+        row_offsets = (torch.cumsum(queries, 0) - queries).to(torch.int64)
+        acc = torch.zeros(total_queries, student.shape[2], dtype=acc_dtype(student.dtype), device=student.device)
+        _pair_grad_kernel[(G, tiles)](
+            student, *student.stride(), teacher, *teacher.stride(), members, counts, queries, means.contiguous(),
+            coef.contiguous(), weight.contiguous(), row_offsets, acc, grad, *grad.stride(),
+            max_n, tiles, student.shape[2], teacher.shape[2], delta,
+            ACC_PRECISION="ieee" if student.dtype == torch.float64 else "tf32x3", **_launch_options(student.dtype))
+    return grad
