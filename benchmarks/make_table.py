@@ -40,9 +40,14 @@ def table(data: dict, op: str) -> str:
         cells = ["x".join(map(str, shape)), mode]
         for impl in impls:
             r = by_impl.get(impl)
-            cells.append(f"{fmt_time(r['median_ms'])} ({fmt_bytes(r['peak_memory_bytes'])})" if r else "-")
+            if r is None:
+                cells.append("-")
+            elif "median_ms" not in r:
+                cells.append(r.get("status", "failed"))
+            else:
+                cells.append(f"{fmt_time(r['median_ms'])} ({fmt_bytes(r['peak_memory_bytes'])})")
         for base in baselines:
-            ok = "fastkd" in by_impl and base in by_impl
+            ok = all("median_ms" in by_impl.get(i, {}) for i in ("fastkd", base))
             cells.append(f"{by_impl[base]['median_ms'] / by_impl['fastkd']['median_ms']:.2f}x" if ok else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -53,3 +53,21 @@ def assert_close(actual, expected, dtype=None):
     """Compare to a (float64) reference with the tolerance of `dtype` (default: actual's dtype)."""
     tol = TOLERANCES[dtype or actual.dtype]
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), equal_nan=True, **tol)
+
+
+# Relative-norm tolerances |actual - expected| / |expected| for ops whose elements mix large and tiny
+# values (sums over many pairs with cancellation): elementwise rtol would judge noise in tiny elements.
+# fp16 is loose because small gradients land in its subnormal range.
+NORM_TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def assert_close_norm(actual, expected, dtype=None):
+    """Same shape, NaN where expected is NaN, and relative Frobenius error within the dtype's tolerance."""
+    tol = NORM_TOLERANCES[dtype or actual.dtype]
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.equal(actual.isnan(), expected.isnan()), "NaN positions differ"
+    actual, expected = actual.nan_to_num(), expected.nan_to_num()
+    error = (actual - expected).norm().item()
+    scale = expected.norm().item()
+    assert error <= tol * max(scale, 1e-12), f"relative error {error / max(scale, 1e-30):.3g} > {tol:g}"

@@ -1,28 +1,44 @@
-"""CPU path of the masked pairwise Huber loss: the three stages of ``pairwise_huber_triton`` (same math,
-same signatures), vectorised over all groups at once on members gathered into (G, max_n, D) and padded to
-the largest group (not to N): batched matmuls, no Python loop over groups."""
+"""CPU path of the masked pairwise Huber loss: the stages of ``pairwise_huber_triton`` (same math, same
+signatures), vectorised over all groups at once on member rows gathered into (G, max_n, D), padded to the
+largest group (not to N): batched matmuls, no Python loop over groups. `prepare` gathers the rows and
+computes both distance matrices once per call, shared by the stages that follow."""
+from dataclasses import dataclass
+
 import torch
 
 from fastkd.kernels.common import acc_dtype
 
 
+@dataclass
+class Prepared:
+    student: torch.Tensor
+    members: torch.Tensor
+    rows: torch.Tensor       # (G, max_n, Ds) student member rows, accumulation dtype
+    pairs: torch.Tensor      # (G, max_n, max_n) ordered pairs (i query, j member, i != j)
+    d_s: torch.Tensor        # (G, max_n, max_n) distances
+    clamped: torch.Tensor    # student pairs whose squared distance hit the clamp
+    d_t: torch.Tensor
+
+
 def _rows(x, members):
-    """(G, max_n, D) member rows of x (G, N, D) in the accumulation dtype (a gather: strided views are fine)."""
-    index = members.long().unsqueeze(-1).expand(-1, -1, x.shape[2])
-    return torch.gather(x, 1, index).to(acc_dtype(x.dtype))
-
-
-def _pairs(members, counts, queries):
-    """(G, max_n, max_n) mask of ordered pairs (i query, j member, i != j)."""
-    slots = torch.arange(members.shape[1], device=members.device)
-    pairs = (slots < queries[:, None])[:, :, None] & (slots < counts[:, None])[:, None, :]
-    return pairs & (slots[:, None] != slots[None, :])
+    groups = torch.arange(x.shape[0], device=x.device)[:, None]
+    return x[groups, members.long()].to(acc_dtype(x.dtype))
 
 
 def _distances(rows):
     sq = (rows * rows).sum(-1)
-    d2 = sq[:, :, None] + sq[:, None, :] - 2 * torch.bmm(rows, rows.transpose(1, 2))
+    d2 = torch.baddbmm(sq[:, :, None] + sq[:, None, :], rows, rows.transpose(1, 2), alpha=-2)
     return d2.clamp(min=1e-12).sqrt(), d2 < 1e-12
+
+
+def prepare(student, teacher, members, counts, queries, max_n: int) -> Prepared:
+    slots = torch.arange(members.shape[1], device=members.device)
+    pairs = (slots < queries[:, None])[:, :, None] & (slots < counts[:, None])[:, None, :]
+    pairs &= slots[:, None] != slots[None, :]
+    rows = _rows(student, members)
+    d_s, clamped = _distances(rows)
+    d_t, _ = _distances(_rows(teacher, members))
+    return Prepared(student, members, rows, pairs, d_s, clamped, d_t)
 
 
 def _slope_and_huber(u, delta):
@@ -30,32 +46,25 @@ def _slope_and_huber(u, delta):
     return u.clamp(-delta, delta), torch.where(a <= delta, 0.5 * u * u, delta * (a - 0.5 * delta))
 
 
-def pair_sums(student, teacher, members, counts, queries, max_n: int):
-    pairs = _pairs(members, counts, queries)
-    d_s, _ = _distances(_rows(student, members))
-    d_t, _ = _distances(_rows(teacher, members))
-    return torch.stack([torch.where(pairs, d_s, 0).sum((1, 2)), torch.where(pairs, d_t, 0).sum((1, 2))], dim=1)
+def _pair_sum(p: Prepared, x):
+    return torch.where(p.pairs, x, 0).sum((1, 2))
 
 
-def pair_loss(student, teacher, members, counts, queries, max_n: int, means, delta: float):
-    pairs = _pairs(members, counts, queries)
-    d_s, _ = _distances(_rows(student, members))
-    d_t, _ = _distances(_rows(teacher, members))
-    slope, h = _slope_and_huber(d_s / means[:, 0, None, None] - d_t / means[:, 1, None, None], delta)
-    return torch.stack([torch.where(pairs, h, 0).sum((1, 2)), torch.where(pairs, slope * d_s, 0).sum((1, 2))], dim=1)
+def pair_sums(p: Prepared):
+    return torch.stack([_pair_sum(p, p.d_s), _pair_sum(p, p.d_t)], dim=1)
 
 
-def pair_grad(student, teacher, members, counts, queries, max_n: int, total_queries: int, means, coef, weight,
-              delta: float):
-    pairs = _pairs(members, counts, queries)
-    rows = _rows(student, members)
-    d_s, clamped = _distances(rows)
-    d_t, _ = _distances(_rows(teacher, members))
+def pair_loss(p: Prepared, means, delta: float):
+    slope, h = _slope_and_huber(p.d_s / means[:, 0, None, None] - p.d_t / means[:, 1, None, None], delta)
+    return torch.stack([_pair_sum(p, h), _pair_sum(p, slope * p.d_s)], dim=1)
+
+
+def pair_grad(p: Prepared, total_queries: int, means, coef, weight, delta: float):
     m_s = means[:, 0, None, None]
-    slope, _ = _slope_and_huber(d_s / m_s - d_t / means[:, 1, None, None], delta)
+    slope, _ = _slope_and_huber(p.d_s / m_s - p.d_t / means[:, 1, None, None], delta)
     w = (2 * weight)[:, None, None] / m_s
-    weights = torch.where(pairs & ~clamped, w * (slope - coef[:, None, None]) / d_s, 0)
-    grad_rows = weights.sum(2, keepdim=True) * rows - torch.bmm(weights, rows)  # zero rows outside the queries
-    grad = torch.zeros_like(student)
-    index = members.long().unsqueeze(-1).expand_as(grad_rows)
-    return grad.scatter_add_(1, index, grad_rows.to(student.dtype))
+    weights = torch.where(p.pairs & ~p.clamped, w * (slope - coef[:, None, None]) / p.d_s, 0)
+    grad_rows = weights.sum(2, keepdim=True) * p.rows - torch.bmm(weights, p.rows)  # zero outside the queries
+    grad = torch.zeros_like(p.student)
+    index = p.members.long().unsqueeze(-1).expand_as(grad_rows)
+    return grad.scatter_add_(1, index, grad_rows.to(grad.dtype))

@@ -15,6 +15,8 @@ c_g = sum h' Ds / sum Ds carries the gradient through the student's own mean; th
 (i, j) and (j, i), which is what lets a DDP rank get its rows' full gradient from its own pairs only.
 Per-group partial sums are written per program and summed in a fixed order (deterministic).
 """
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -173,8 +175,26 @@ def _tiles(max_n: int) -> int:
     return max(triton.cdiv(max_n, BLOCK_N), 1)
 
 
-def pair_sums(student, teacher, members, counts, queries, max_n: int):
-    """(G, 2) in the accumulation dtype: sums of student and teacher distances over each group's ordered query pairs."""
+@dataclass
+class Prepared:
+    """Launch arguments shared by the three passes (nothing is precomputed: each pass recomputes distances)."""
+    student: torch.Tensor
+    teacher: torch.Tensor
+    members: torch.Tensor
+    counts: torch.Tensor
+    queries: torch.Tensor
+    max_n: int
+
+
+def prepare(student, teacher, members, counts, queries, max_n: int) -> Prepared:
+    return Prepared(student, teacher, members, counts, queries, max_n)
+
+
+def pair_sums(p: Prepared):
+    """(G, 2) in the accumulation dtype: sums of student and teacher distances over each group's ordered
+    query pairs."""
+    student, teacher, members, counts, queries, max_n = (p.student, p.teacher, p.members, p.counts, p.queries,
+                                                         p.max_n)
     G, tiles = student.shape[0], _tiles(max_n)
     partials = torch.zeros(G, tiles * tiles, 2, dtype=acc_dtype(student.dtype), device=student.device)
     if G:
@@ -185,8 +205,11 @@ def pair_sums(student, teacher, members, counts, queries, max_n: int):
     return partials.sum(1)
 
 
-def pair_loss(student, teacher, members, counts, queries, max_n: int, means, delta: float):
-    """(G, 2) in the accumulation dtype: [sum of Huber terms, sum of h'(u) * Ds] over each group's ordered query pairs."""
+def pair_loss(p: Prepared, means, delta: float):
+    """(G, 2) in the accumulation dtype: [sum of Huber terms, sum of h'(u) * Ds] over each group's ordered
+    query pairs."""
+    student, teacher, members, counts, queries, max_n = (p.student, p.teacher, p.members, p.counts, p.queries,
+                                                         p.max_n)
     G, tiles = student.shape[0], _tiles(max_n)
     partials = torch.zeros(G, tiles * tiles, 2, dtype=acc_dtype(student.dtype), device=student.device)
     if G:
@@ -197,9 +220,10 @@ def pair_loss(student, teacher, members, counts, queries, max_n: int, means, del
     return partials.sum(1)
 
 
-def pair_grad(student, teacher, members, counts, queries, max_n: int, total_queries: int, means, coef, weight,
-              delta: float):
+def pair_grad(p: Prepared, total_queries: int, means, coef, weight, delta: float):
     """Gradient w.r.t. student (same shape and strides; zero outside the query members)."""
+    student, teacher, members, counts, queries, max_n = (p.student, p.teacher, p.members, p.counts, p.queries,
+                                                         p.max_n)
     G, tiles = student.shape[0], _tiles(max_n)
     grad = torch.zeros_like(student)
     if G and total_queries:

@@ -57,11 +57,12 @@ def group_scale(counts: Tensor, reduction: str, dtype) -> Tensor:
 def group_losses(backend, student, teacher, packed, delta, normalize, mean_floor, all_reduce=None):
     """Per-group losses (G,) and stats (G, 3) [m_s, m_t, c]; `all_reduce` sums partials across ranks."""
     members, counts, queries, max_n, _ = packed
-    sums = backend.pair_sums(student, teacher, members, counts, queries, max_n)
+    prepared = backend.prepare(student, teacher, members, counts, queries, max_n)
+    sums = backend.pair_sums(prepared)
     if all_reduce is not None:
         all_reduce(sums)
     means, mean_in_graph = group_means(sums, counts, normalize, mean_floor)
-    huber_sums = backend.pair_loss(student, teacher, members, counts, queries, max_n, means, delta)
+    huber_sums = backend.pair_loss(prepared, means, delta)
     if all_reduce is not None:
         all_reduce(huber_sums)
     coef = torch.where(mean_in_graph, huber_sums[:, 1] / sums[:, 0].clamp(min=1e-30), 0.0)
@@ -76,8 +77,9 @@ def reduce_groups(losses: Tensor, counts: Tensor, reduction: str, dtype) -> Tens
 def student_grad(backend, grad, student, teacher, packed, stats, delta, reduction, grad_scale=1.0):
     members, counts, queries, max_n, total_queries = packed
     weight = grad.to(stats.dtype) * group_scale(counts, reduction, stats.dtype) * grad_scale
-    return backend.pair_grad(student, teacher, members, counts, queries, max_n, total_queries, stats[:, :2],
-                             stats[:, 2], weight.expand(counts.shape).contiguous(), delta)
+    prepared = backend.prepare(student, teacher, members, counts, queries, max_n)
+    return backend.pair_grad(prepared, total_queries, stats[:, :2], stats[:, 2],
+                             weight.expand(counts.shape).contiguous(), delta)
 
 
 @torch.library.custom_op("fastkd::masked_pairwise_huber", mutates_args=())
@@ -112,6 +114,7 @@ def _(grad, student, teacher, mask, stats, delta, reduction):
 
 def _setup_context(ctx, inputs, output):
     student, teacher, mask, ctx.delta, _, ctx.reduction, _ = inputs
+    ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(student, teacher, mask, output[1])
 
 

@@ -86,8 +86,9 @@ def masked_pairwise_huber_padded(student, teacher, mask, delta=1.0, normalize=Tr
     with torch.no_grad():
         d_t = distances(teacher)
     pairs = (n * (n - 1)).clamp(min=1)[:, None, None]
-    if normalize:
-        d_s = d_s / (d_s.sum((1, 2), keepdim=True) / pairs)
-        d_t = d_t / (d_t.sum((1, 2), keepdim=True) / pairs)
+    counted = (n >= 2)[:, None, None]
+    if normalize:  # groups under 2 members have no pairs: divide their zeros by 1, not by a zero mean
+        d_s = d_s / torch.where(counted, d_s.sum((1, 2), keepdim=True) / pairs, 1.0)
+        d_t = d_t / torch.where(counted, d_t.sum((1, 2), keepdim=True) / pairs, 1.0)
     loss = (huber(d_s - d_t, delta) * pair_mask).sum((1, 2))
     return (loss / n.clamp(min=1) * (n >= 2)).sum()
