@@ -1,7 +1,7 @@
-"""Which backend runs an op: the Triton kernels or the CPU kernels of the C++ extension.
+"""Which backend runs an op: its Triton kernels or its CPU path.
 
 FASTKD_BACKEND (read at every call):
-  auto (default)  CUDA tensors -> Triton, CPU tensors -> fastkd._C's CPU kernels
+  auto (default)  CUDA tensors -> fastkd/kernels/<op>_triton.py, CPU tensors -> <op>_cpu.py (C++ or vectorised)
   triton          always Triton; CPU tensors need TRITON_INTERPRET=1 set before triton is imported
                   (how the tests run the GPU kernels on a machine without a GPU)
 """
