@@ -68,25 +68,6 @@ def _tile(members_ptr, counts_ptr, queries_ptr, max_n, g, ti, tj, BLOCK_N: tl.co
 
 
 @triton.jit
-def _pair_sums_kernel(s_ptr, ssg, ssn, ssd, t_ptr, tsg, tsn, tsd, members_ptr, counts_ptr, queries_ptr, out_ptr,
-                      max_n, tiles, Ds, Dt, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                      ACC: tl.constexpr):
-    g = tl.program_id(0)
-    tile = tl.program_id(1)
-    ti = tile // tiles
-    tj = tile % tiles
-    n = tl.load(counts_ptr + g)
-    if (n >= 2) & (ti * BLOCK_N < tl.load(queries_ptr + g)) & (tj * BLOCK_N < n):
-        rows_i, valid_i, rows_j, valid_j, pairs = _tile(members_ptr, counts_ptr, queries_ptr, max_n, g, ti, tj,
-                                                        BLOCK_N)
-        d_s, _ = _distances(s_ptr, ssg, ssn, ssd, g, rows_i, valid_i, rows_j, valid_j, Ds, BLOCK_D, PRECISION, ACC)
-        d_t, _ = _distances(t_ptr, tsg, tsn, tsd, g, rows_i, valid_i, rows_j, valid_j, Dt, BLOCK_D, PRECISION, ACC)
-        out = out_ptr + (g.to(tl.int64) * tl.num_programs(1) + tile) * 2
-        tl.store(out, tl.sum(tl.sum(tl.where(pairs, d_s, 0.0), axis=1), axis=0))
-        tl.store(out + 1, tl.sum(tl.sum(tl.where(pairs, d_t, 0.0), axis=1), axis=0))
-
-
-@triton.jit
 def _huber_and_slope(u, delta):
     a = tl.abs(u)
     h = tl.where(a <= delta, 0.5 * u * u, delta * (a - 0.5 * delta))
@@ -94,10 +75,12 @@ def _huber_and_slope(u, delta):
 
 
 @triton.jit
-def _pair_loss_kernel(s_ptr, ssg, ssn, ssd, t_ptr, tsg, tsn, tsd, members_ptr, counts_ptr, queries_ptr, means_ptr,
+def _pair_pass_kernel(s_ptr, ssg, ssn, ssd, t_ptr, tsg, tsn, tsd, members_ptr, counts_ptr, queries_ptr, means_ptr,
                       out_ptr, max_n, tiles, Ds, Dt, delta,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                      ACC: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                      LOSS: tl.constexpr):
+    """One (group, row tile, column tile): writes [sum Ds, sum Dt] (pass 1) or, with LOSS, [sum h(u),
+    sum h'(u) Ds] (pass 2) over the tile's ordered pairs."""
     g = tl.program_id(0)
     tile = tl.program_id(1)
     ti = tile // tiles
@@ -108,11 +91,15 @@ def _pair_loss_kernel(s_ptr, ssg, ssn, ssd, t_ptr, tsg, tsn, tsd, members_ptr, c
                                                         BLOCK_N)
         d_s, _ = _distances(s_ptr, ssg, ssn, ssd, g, rows_i, valid_i, rows_j, valid_j, Ds, BLOCK_D, PRECISION, ACC)
         d_t, _ = _distances(t_ptr, tsg, tsn, tsd, g, rows_i, valid_i, rows_j, valid_j, Dt, BLOCK_D, PRECISION, ACC)
-        u = d_s / tl.load(means_ptr + 2 * g) - d_t / tl.load(means_ptr + 2 * g + 1)
-        h, slope = _huber_and_slope(u, delta)
+        if LOSS:
+            h, slope = _huber_and_slope(d_s / tl.load(means_ptr + 2 * g) - d_t / tl.load(means_ptr + 2 * g + 1),
+                                        delta)
+            first, second = h, slope * d_s
+        else:
+            first, second = d_s, d_t
         out = out_ptr + (g.to(tl.int64) * tl.num_programs(1) + tile) * 2
-        tl.store(out, tl.sum(tl.sum(tl.where(pairs, h, 0.0), axis=1), axis=0))
-        tl.store(out + 1, tl.sum(tl.sum(tl.where(pairs, slope * d_s, 0.0), axis=1), axis=0))
+        tl.store(out, tl.sum(tl.sum(tl.where(pairs, first, 0.0), axis=1), axis=0))
+        tl.store(out + 1, tl.sum(tl.sum(tl.where(pairs, second, 0.0), axis=1), axis=0))
 
 
 @triton.jit
@@ -190,48 +177,39 @@ def prepare(student, teacher, members, counts, queries, max_n: int) -> Prepared:
     return Prepared(student, teacher, members, counts, queries, max_n)
 
 
+def _pair_pass(p: Prepared, means, delta: float, loss: bool):
+    G, tiles = p.student.shape[0], _tiles(p.max_n)
+    partials = torch.zeros(G, tiles * tiles, 2, dtype=acc_dtype(p.student.dtype), device=p.student.device)
+    if G:
+        _pair_pass_kernel[(G, tiles * tiles)](
+            p.student, *p.student.stride(), p.teacher, *p.teacher.stride(), p.members, p.counts, p.queries,
+            means, partials, p.max_n, tiles, p.student.shape[2], p.teacher.shape[2], delta, LOSS=loss,
+            **_launch_options(p.student.dtype))
+    return partials.sum(1)  # fixed order: deterministic
+
+
 def pair_sums(p: Prepared):
     """(G, 2) in the accumulation dtype: sums of student and teacher distances over each group's ordered
     query pairs."""
-    student, teacher, members, counts, queries, max_n = (p.student, p.teacher, p.members, p.counts, p.queries,
-                                                         p.max_n)
-    G, tiles = student.shape[0], _tiles(max_n)
-    partials = torch.zeros(G, tiles * tiles, 2, dtype=acc_dtype(student.dtype), device=student.device)
-    if G:
-        _pair_sums_kernel[(G, tiles * tiles)](
-            student, *student.stride(), teacher, *teacher.stride(), members, counts, queries, partials,
-            max_n, tiles, student.shape[2], teacher.shape[2],
-            **_launch_options(student.dtype))
-    return partials.sum(1)
+    return _pair_pass(p, p.counts, 0.0, loss=False)  # means unused in this pass
 
 
 def pair_loss(p: Prepared, means, delta: float):
     """(G, 2) in the accumulation dtype: [sum of Huber terms, sum of h'(u) * Ds] over each group's ordered
     query pairs."""
-    student, teacher, members, counts, queries, max_n = (p.student, p.teacher, p.members, p.counts, p.queries,
-                                                         p.max_n)
-    G, tiles = student.shape[0], _tiles(max_n)
-    partials = torch.zeros(G, tiles * tiles, 2, dtype=acc_dtype(student.dtype), device=student.device)
-    if G:
-        _pair_loss_kernel[(G, tiles * tiles)](
-            student, *student.stride(), teacher, *teacher.stride(), members, counts, queries, means.contiguous(),
-            partials, max_n, tiles, student.shape[2], teacher.shape[2], delta,
-            **_launch_options(student.dtype))
-    return partials.sum(1)
+    return _pair_pass(p, means.contiguous(), delta, loss=True)
 
 
 def pair_grad(p: Prepared, total_queries: int, means, coef, weight, delta: float):
     """Gradient w.r.t. student (same shape and strides; zero outside the query members)."""
-    student, teacher, members, counts, queries, max_n = (p.student, p.teacher, p.members, p.counts, p.queries,
-                                                         p.max_n)
-    G, tiles = student.shape[0], _tiles(max_n)
-    grad = torch.zeros_like(student)
+    G, tiles = p.student.shape[0], _tiles(p.max_n)
+    grad = torch.zeros_like(p.student)
     if G and total_queries:
-        row_offsets = (torch.cumsum(queries, 0) - queries).to(torch.int64)
-        acc = torch.zeros(total_queries, student.shape[2], dtype=acc_dtype(student.dtype), device=student.device)
+        row_offsets = (torch.cumsum(p.queries, 0) - p.queries).to(torch.int64)
+        acc = torch.zeros(total_queries, p.student.shape[2], dtype=acc_dtype(p.student.dtype), device=grad.device)
         _pair_grad_kernel[(G, tiles)](
-            student, *student.stride(), teacher, *teacher.stride(), members, counts, queries, means.contiguous(),
-            coef.contiguous(), weight.contiguous(), row_offsets, acc, grad, *grad.stride(),
-            max_n, tiles, student.shape[2], teacher.shape[2], delta,
-            ACC_PRECISION="ieee" if student.dtype == torch.float64 else "tf32x3", **_launch_options(student.dtype))
+            p.student, *p.student.stride(), p.teacher, *p.teacher.stride(), p.members, p.counts, p.queries,
+            means.contiguous(), coef.contiguous(), weight.contiguous(), row_offsets, acc, grad, *grad.stride(),
+            p.max_n, tiles, p.student.shape[2], p.teacher.shape[2], delta,
+            ACC_PRECISION="ieee" if p.student.dtype == torch.float64 else "tf32x3", **_launch_options(p.student.dtype))
     return grad
