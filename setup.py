@@ -51,7 +51,8 @@ setup(
     packages=find_packages(include=["fastkd", "fastkd.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn"],
+                    "train": ["scikit-learn"]},  # the built-in digit canvases (fastkd.data)
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
 )

@@ -1,0 +1,4 @@
+"""Multi-label classification metrics (plain torch, any device)."""
+from fastkd.metrics.multilabel import average_precision, mean_average_precision, threshold_scores
+
+__all__ = ["average_precision", "mean_average_precision", "threshold_scores"]
