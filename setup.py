@@ -52,7 +52,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "numpy"],
     extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn"],
-                    "train": ["scikit-learn"]},  # the built-in digit canvases (fastkd.data)
+                    "train": ["scikit-learn", "tqdm"]},  # built-in digit canvases, progress bars
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
 )

@@ -1,0 +1,1 @@
+"""Reference training recipes and the small engine they share (loop, checkpoints, logging, DDP)."""
