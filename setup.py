@@ -53,6 +53,7 @@ setup(
     install_requires=["torch>=2.5", "numpy"],
     extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn"],
                     "train": ["scikit-learn", "tqdm"]},  # built-in digit canvases, progress bars
+    entry_points={"console_scripts": ["fastkd-train = fastkd.recipes.cli:main"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
 )

@@ -13,7 +13,7 @@ from fastkd.kernels.common import acc_dtype
 class Prepared:
     student: torch.Tensor
     members: torch.Tensor
-    rows: torch.Tensor       # (G, max_n, Ds) student member rows, accumulation dtype
+    rows: torch.Tensor       # (G, max_n, Ds) centred student member rows, accumulation dtype
     pairs: torch.Tensor      # (G, max_n, max_n) ordered pairs (i query, j member, i != j)
     d_s: torch.Tensor        # (G, max_n, max_n) distances
     clamped: torch.Tensor    # student pairs whose squared distance hit the clamp
@@ -21,8 +21,11 @@ class Prepared:
 
 
 def _rows(x, members):
+    """Member rows centred on each group's first member (distances and gradients are translation-invariant;
+    centring avoids the |x|^2 cancellation of the Gram form for nearly coincident embeddings)."""
     groups = torch.arange(x.shape[0], device=x.device)[:, None]
-    return x[groups, members.long()].to(acc_dtype(x.dtype))
+    rows = x[groups, members.long()]
+    return (rows - rows[:, :1]).to(acc_dtype(x.dtype))
 
 
 def _distances(rows):

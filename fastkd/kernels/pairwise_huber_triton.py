@@ -6,7 +6,9 @@ DDP). Programs are (group, row tile i, column tile j) with tiles of BLOCK_N memb
 size exit at once, so the work is sum_g n_g^2 (Ds + Dt). Nothing of size n^2 or n*D leaves registers.
 
 For each ordered pair (i query, j member, i != j), with D_ij = sqrt(max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j,
-1e-12)) (Gram term on tensor cores with tl.dot; tf32x3 for fp32 keeps fp32 accuracy):
+1e-12)) (Gram term on tensor cores with tl.dot; tf32x3 for fp32 keeps fp32 accuracy), computed on rows
+centred on the group's first member (translation-invariant, and free of the |x|^2 cancellation that
+otherwise turns nearly coincident embeddings' distances into rounding noise):
   pass 1  pair_sums:  sum_ij Ds_ij, sum_ij Dt_ij                          -> normalising means m_s, m_t
   pass 2  pair_loss:  sum_ij h(u_ij), sum_ij h'(u_ij) Ds_ij,  u = Ds/m_s - Dt/m_t, h = Huber(delta)
   pass 3  pair_grad:  W_ij = w_g (h'(u_ij) - c_g) / (m_s Ds_ij)  (0 where the clamp is active),
@@ -29,7 +31,18 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _distances(x_ptr, stride_g, stride_n, stride_d, g, rows_i, valid_i, rows_j, valid_j, D,
+def _centered_rows(base, stride_n, stride_d, rows, valid, ref_row, d, in_d):
+    """Rows (R, BLOCK_D) minus the group's reference row, in the input dtype (exact for nearby values);
+    invalid rows are zero. Distances and their gradients are translation-invariant, and centring removes
+    the |x|^2 cancellation of the Gram form when a group's embeddings nearly coincide."""
+    ref = tl.load(base + ref_row * stride_n + d * stride_d, mask=in_d, other=0.0)
+    x = tl.load(base + rows[:, None] * stride_n + d[None, :] * stride_d, mask=valid[:, None] & in_d[None, :],
+                other=0.0)
+    return tl.where(valid[:, None] & in_d[None, :], x - ref[None, :], 0.0).to(x.dtype)
+
+
+@triton.jit
+def _distances(x_ptr, stride_g, stride_n, stride_d, g, ref_row, rows_i, valid_i, rows_j, valid_j, D,
                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """(distance tile (BI, BJ) in ACC, mask of pairs whose squared distance hit the clamp)."""
     base = x_ptr + g.to(tl.int64) * stride_g
@@ -39,10 +52,8 @@ def _distances(x_ptr, stride_g, stride_n, stride_d, g, rows_i, valid_i, rows_j, 
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         in_d = d < D
-        a = tl.load(base + rows_i[:, None] * stride_n + d[None, :] * stride_d,
-                    mask=valid_i[:, None] & in_d[None, :], other=0.0)
-        b = tl.load(base + rows_j[:, None] * stride_n + d[None, :] * stride_d,
-                    mask=valid_j[:, None] & in_d[None, :], other=0.0)
+        a = _centered_rows(base, stride_n, stride_d, rows_i, valid_i, ref_row, d, in_d)
+        b = _centered_rows(base, stride_n, stride_d, rows_j, valid_j, ref_row, d, in_d)
         gram += tl.dot(a, tl.trans(b), input_precision=PRECISION, out_dtype=ACC)
         a_acc = a.to(ACC)
         b_acc = b.to(ACC)
@@ -54,7 +65,8 @@ def _distances(x_ptr, stride_g, stride_n, stride_d, g, rows_i, valid_i, rows_j, 
 
 @triton.jit
 def _tile(members_ptr, counts_ptr, queries_ptr, max_n, g, ti, tj, BLOCK_N: tl.constexpr):
-    """Member positions and validity of row tile ti and column tile tj of group g, and the pair mask."""
+    """Member positions and validity of row tile ti and column tile tj of group g, the pair mask, and the
+    group's reference row for centring."""
     n = tl.load(counts_ptr + g)
     nq = tl.load(queries_ptr + g)
     i = ti * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -64,7 +76,8 @@ def _tile(members_ptr, counts_ptr, queries_ptr, max_n, g, ti, tj, BLOCK_N: tl.co
     rows_i = tl.load(members_ptr + g.to(tl.int64) * max_n + i, mask=valid_i, other=0).to(tl.int64)
     rows_j = tl.load(members_ptr + g.to(tl.int64) * max_n + j, mask=valid_j, other=0).to(tl.int64)
     pairs = valid_i[:, None] & valid_j[None, :] & (i[:, None] != j[None, :])
-    return rows_i, valid_i, rows_j, valid_j, pairs
+    ref_row = tl.load(members_ptr + g.to(tl.int64) * max_n).to(tl.int64)  # the group's first member
+    return rows_i, valid_i, rows_j, valid_j, pairs, ref_row
 
 
 @triton.jit
@@ -87,10 +100,12 @@ def _pair_pass_kernel(s_ptr, ssg, ssn, ssd, t_ptr, tsg, tsn, tsd, members_ptr, c
     tj = tile % tiles
     n = tl.load(counts_ptr + g)
     if (n >= 2) & (ti * BLOCK_N < tl.load(queries_ptr + g)) & (tj * BLOCK_N < n):
-        rows_i, valid_i, rows_j, valid_j, pairs = _tile(members_ptr, counts_ptr, queries_ptr, max_n, g, ti, tj,
-                                                        BLOCK_N)
-        d_s, _ = _distances(s_ptr, ssg, ssn, ssd, g, rows_i, valid_i, rows_j, valid_j, Ds, BLOCK_D, PRECISION, ACC)
-        d_t, _ = _distances(t_ptr, tsg, tsn, tsd, g, rows_i, valid_i, rows_j, valid_j, Dt, BLOCK_D, PRECISION, ACC)
+        rows_i, valid_i, rows_j, valid_j, pairs, ref = _tile(members_ptr, counts_ptr, queries_ptr, max_n, g, ti, tj,
+                                                             BLOCK_N)
+        d_s, _ = _distances(s_ptr, ssg, ssn, ssd, g, ref, rows_i, valid_i, rows_j, valid_j, Ds, BLOCK_D, PRECISION,
+                            ACC)
+        d_t, _ = _distances(t_ptr, tsg, tsn, tsd, g, ref, rows_i, valid_i, rows_j, valid_j, Dt, BLOCK_D, PRECISION,
+                            ACC)
         if LOSS:
             h, slope = _huber_and_slope(d_s / tl.load(means_ptr + 2 * g) - d_t / tl.load(means_ptr + 2 * g + 1),
                                         delta)
@@ -123,28 +138,30 @@ def _pair_grad_kernel(s_ptr, ssg, ssn, ssd, t_ptr, tsg, tsn, tsd, members_ptr, c
         rowsum = tl.zeros([BLOCK_N], dtype=ACC)
         for tj in range(0, tiles):
             if tj * BLOCK_N < n:
-                rows_i, valid_i, rows_j, valid_j, pairs = _tile(members_ptr, counts_ptr, queries_ptr, max_n, g, ti,
-                                                                tj, BLOCK_N)
-                d_s, clamped = _distances(s_ptr, ssg, ssn, ssd, g, rows_i, valid_i, rows_j, valid_j, Ds, BLOCK_D,
-                                          PRECISION, ACC)
-                d_t, _ = _distances(t_ptr, tsg, tsn, tsd, g, rows_i, valid_i, rows_j, valid_j, Dt, BLOCK_D, PRECISION, ACC)
+                rows_i, valid_i, rows_j, valid_j, pairs, ref = _tile(members_ptr, counts_ptr, queries_ptr, max_n, g,
+                                                                     ti, tj, BLOCK_N)
+                d_s, clamped = _distances(s_ptr, ssg, ssn, ssd, g, ref, rows_i, valid_i, rows_j, valid_j, Ds,
+                                          BLOCK_D, PRECISION, ACC)
+                d_t, _ = _distances(t_ptr, tsg, tsn, tsd, g, ref, rows_i, valid_i, rows_j, valid_j, Dt, BLOCK_D,
+                                    PRECISION, ACC)
                 _, slope = _huber_and_slope(d_s / m_s - d_t / m_t, delta)
                 weights = tl.where(pairs & (clamped == 0), w * (slope - c) / d_s, 0.0)
                 rowsum += tl.sum(weights, axis=1)
                 for d0 in range(0, Ds, BLOCK_D):
                     d = d0 + tl.arange(0, BLOCK_D)
                     in_d = d < Ds
-                    x_j = tl.load(s_base + rows_j[:, None] * ssn + d[None, :] * ssd,
-                                  mask=valid_j[:, None] & in_d[None, :], other=0.0).to(ACC)
+                    x_j = _centered_rows(s_base, ssn, ssd, rows_j, valid_j, ref, d, in_d).to(ACC)
                     acc_ptrs = acc_ptr + acc_rows[:, None] * Ds + d[None, :]
                     io_mask = valid_i[:, None] & in_d[None, :]
                     partial = tl.dot(weights, x_j, input_precision=ACC_PRECISION, out_dtype=ACC)
                     tl.store(acc_ptrs, tl.load(acc_ptrs, mask=io_mask, other=0.0) + partial, mask=io_mask)
-        rows_i, valid_i, _, _, _ = _tile(members_ptr, counts_ptr, queries_ptr, max_n, g, ti, 0, BLOCK_N)
+        # grad_i = rowsum_i (x_i - ref) - sum_j W_ij (x_j - ref): the reference row cancels
+        rows_i, valid_i, _, _, _, ref = _tile(members_ptr, counts_ptr, queries_ptr, max_n, g, ti, 0, BLOCK_N)
         for d0 in range(0, Ds, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
-            io_mask = valid_i[:, None] & (d < Ds)[None, :]
-            x_i = tl.load(s_base + rows_i[:, None] * ssn + d[None, :] * ssd, mask=io_mask, other=0.0).to(ACC)
+            in_d = d < Ds
+            io_mask = valid_i[:, None] & in_d[None, :]
+            x_i = _centered_rows(s_base, ssn, ssd, rows_i, valid_i, ref, d, in_d).to(ACC)
             wx = tl.load(acc_ptr + acc_rows[:, None] * Ds + d[None, :], mask=io_mask, other=0.0)
             grad = rowsum[:, None] * x_i - wx
             tl.store(grad_ptr + g.to(tl.int64) * gsg + rows_i[:, None] * gsn + d[None, :] * gsd,
