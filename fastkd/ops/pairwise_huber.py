@@ -21,8 +21,9 @@ def pack_groups(mask: Tensor, local: Tensor = None):
     total number of query members. Reads those two numbers on the host: the only sync of the op (it sizes
     the grid, like max_seqlen in variable-length attention)."""
     mask = mask.bool()
-    outside = mask if local is None else mask & ~local
-    key = (~mask).to(torch.int8) * 2 + outside.to(torch.int8) * (local is not None)
+    key = torch.where(mask, 0, 2).to(torch.int8)  # sort key: members first ...
+    if local is not None:
+        key += (mask & ~local).to(torch.int8)  # ... and among them this rank's own rows first
     counts = mask.sum(1, dtype=torch.int32)
     queries = counts if local is None else (mask & local).sum(1, dtype=torch.int32)
     if mask.shape[0] == 0 or mask.shape[1] == 0:
