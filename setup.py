@@ -12,6 +12,11 @@ import sys
 
 from setuptools import find_packages, setup
 
+# torch guesses CUDA_HOME from the nvcc on PATH; a wrapper such as /usr/local/bin/nvcc makes that /usr/local,
+# where libcudart is not: prefer the toolkit's conventional home when it exists.
+if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda/lib64"):
+    os.environ["CUDA_HOME"] = os.path.realpath("/usr/local/cuda")
+
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

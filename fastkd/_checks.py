@@ -21,11 +21,36 @@ def check_same_shape(name: str, x, ref_name: str, ref) -> None:
         raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
 
 
-def check_same_device_and_dtype(name: str, x, ref_name: str, ref) -> None:
+def check_same_device(name: str, x, ref_name: str, ref) -> None:
     if x.device != ref.device:
         raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
+
+
+def check_same_device_and_dtype(name: str, x, ref_name: str, ref) -> None:
+    check_same_device(name, x, ref_name, ref)
     if x.dtype != ref.dtype:
         raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
+
+
+def check_int_tensor(name: str, x, shape) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
+
+
+def check_int_sequence(name: str, value, length: int, min_value: int = 0) -> tuple:
+    """`length` integers >= min_value (ints, or SymInts under torch.compile), returned as a tuple."""
+    if (not isinstance(value, (tuple, list, torch.Size)) or len(value) != length or not all(map(_is_int, value))
+            or not all(v >= min_value for v in value)):
+        raise ValueError(f"{name} must be {length} integers >= {min_value}, got {value!r}")
+    return tuple(value)
 
 
 def check_positive_number(name: str, value) -> float:
