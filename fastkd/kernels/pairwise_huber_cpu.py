@@ -1,7 +1,8 @@
 """CPU path of the masked pairwise Huber loss: the stages of ``pairwise_huber_triton`` (same math, same
-signatures), vectorised over all groups at once on member rows gathered into (G, max_n, D), padded to the
-largest group (not to N): batched matmuls, no Python loop over groups. `prepare` gathers the rows and
-computes both distance matrices once per call, shared by the stages that follow."""
+signatures), vectorised over all groups at once on member rows gathered into (G', max_n, D) for the G'
+groups with at least 2 members, padded to the largest group (not to N): batched matmuls, no Python loop
+over groups. `prepare` gathers the rows and computes both distance matrices once per call, shared by the
+stages that follow."""
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +13,8 @@ from fastkd.kernels.common import acc_dtype
 @dataclass
 class Prepared:
     student: torch.Tensor
-    members: torch.Tensor
+    active: torch.Tensor     # (G',) the groups with at least 2 members; the others contribute nothing
+    members: torch.Tensor    # (G', max_n)
     rows: torch.Tensor       # (G, max_n, Ds) centred student member rows, accumulation dtype
     pairs: torch.Tensor      # (G, max_n, max_n) ordered pairs (i query, j member, i != j)
     d_s: torch.Tensor        # (G, max_n, max_n) distances
@@ -20,11 +22,10 @@ class Prepared:
     d_t: torch.Tensor
 
 
-def _rows(x, members):
+def _rows(x, active, members):
     """Member rows centred on each group's first member (distances and gradients are translation-invariant;
     centring avoids the |x|^2 cancellation of the Gram form for nearly coincident embeddings)."""
-    groups = torch.arange(x.shape[0], device=x.device)[:, None]
-    rows = x[groups, members.long()]
+    rows = x[active[:, None], members.long()]
     return (rows - rows[:, :1]).to(acc_dtype(x.dtype))
 
 
@@ -35,13 +36,21 @@ def _distances(rows):
 
 
 def prepare(student, teacher, members, counts, queries, max_n: int) -> Prepared:
+    active = torch.nonzero((counts >= 2) & (queries >= 1)).flatten()
+    members, counts, queries = members[active], counts[active], queries[active]
     slots = torch.arange(members.shape[1], device=members.device)
     pairs = (slots < queries[:, None])[:, :, None] & (slots < counts[:, None])[:, None, :]
     pairs &= slots[:, None] != slots[None, :]
-    rows = _rows(student, members)
+    rows = _rows(student, active, members)
     d_s, clamped = _distances(rows)
-    d_t, _ = _distances(_rows(teacher, members))
-    return Prepared(student, members, rows, pairs, d_s, clamped, d_t)
+    d_t, _ = _distances(_rows(teacher, active, members))
+    return Prepared(student, active, members, rows, pairs, d_s, clamped, d_t)
+
+
+def _per_group(p: Prepared, active_values):
+    """(G', k) values of the active groups -> (G, k), zero for the others."""
+    out = active_values.new_zeros(p.student.shape[0], active_values.shape[1])
+    return out.index_copy_(0, p.active, active_values)
 
 
 def _slope_and_huber(u, delta):
@@ -54,20 +63,22 @@ def _pair_sum(p: Prepared, x):
 
 
 def pair_sums(p: Prepared):
-    return torch.stack([_pair_sum(p, p.d_s), _pair_sum(p, p.d_t)], dim=1)
+    return _per_group(p, torch.stack([_pair_sum(p, p.d_s), _pair_sum(p, p.d_t)], dim=1))
 
 
 def pair_loss(p: Prepared, means, delta: float):
+    means = means[p.active]
     slope, h = _slope_and_huber(p.d_s / means[:, 0, None, None] - p.d_t / means[:, 1, None, None], delta)
-    return torch.stack([_pair_sum(p, h), _pair_sum(p, slope * p.d_s)], dim=1)
+    return _per_group(p, torch.stack([_pair_sum(p, h), _pair_sum(p, slope * p.d_s)], dim=1))
 
 
 def pair_grad(p: Prepared, total_queries: int, means, coef, weight, delta: float):
+    means, coef, weight = means[p.active], coef[p.active], weight[p.active]
     m_s = means[:, 0, None, None]
     slope, _ = _slope_and_huber(p.d_s / m_s - p.d_t / means[:, 1, None, None], delta)
     w = (2 * weight)[:, None, None] / m_s
     weights = torch.where(p.pairs & ~p.clamped, w * (slope - coef[:, None, None]) / p.d_s, 0)
     grad_rows = weights.sum(2, keepdim=True) * p.rows - torch.bmm(weights, p.rows)  # zero outside the queries
     grad = torch.zeros_like(p.student)
-    index = p.members.long().unsqueeze(-1).expand_as(grad_rows)
-    return grad.scatter_add_(1, index, grad_rows.to(grad.dtype))
+    # padded slots hold the group's non-member positions (members is a permutation) and add zeros
+    return grad.index_put_((p.active[:, None], p.members.long()), grad_rows.to(grad.dtype), accumulate=True)
