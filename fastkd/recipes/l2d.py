@@ -35,15 +35,15 @@ class L2DConfig:
     device: str = "auto"
     amp: Optional[str] = None            # None, "bf16" or "fp16" (GPU autocast)
     canvas: CanvasConfig = field(default_factory=CanvasConfig)
-    train_samples: int = 4000
-    test_samples: int = 2000
-    teacher_backbone: str = "cnn-32-64-128"
+    train_samples: int = 2000
+    test_samples: int = 1000
+    teacher_backbone: str = "cnn-16-32-64"
     student_backbone: str = "cnn-8-16"
     embed_dim: int = 64
     heads: int = 4
     ffn_dim: int = 128
-    teacher_epochs: int = 8
-    student_epochs: int = 8
+    teacher_epochs: int = 6
+    student_epochs: int = 6
     batch_size: int = 64
     lr: float = 2e-3
     # official weights are 10 / 100 / 1000; they collapse a small randomly initialised student (see
