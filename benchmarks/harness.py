@@ -89,3 +89,26 @@ def write_results(path: str, env: dict, records: list) -> None:
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def measure(benchmark, record, op: str, step, check, device: torch.device, group: str,
+            min_bytes_moved: int = None, **fields) -> None:
+    """One benchmark case: run `step` once and `check` its result (so the timing is of the right thing), time
+    it, and record median time and peak memory (and GB/s when the fewest bytes any implementation must move
+    are given) for benchmarks/results/<op>-<device>.json. Running out of memory is recorded as the result
+    and the case skipped (dense baselines at stress shapes). Smoke runs time and record nothing."""
+    import pytest
+    try:
+        result = step()
+    except torch.OutOfMemoryError:
+        record(op, status="out of memory", **fields)
+        torch.cuda.empty_cache()
+        pytest.skip(f"{fields.get('impl')} ran out of memory at {fields.get('shape')}")
+    check(result)
+    benchmark.group = group
+    seconds = run_benchmark(benchmark, step, device)
+    if seconds is None:
+        return
+    if min_bytes_moved is not None:
+        fields.update(min_bytes_moved=min_bytes_moved, gb_per_s=min_bytes_moved / seconds / 1e9)
+    record(op, median_ms=seconds * 1e3, peak_memory_bytes=peak_memory_bytes(step, device), **fields)

@@ -9,7 +9,7 @@ import torch
 
 import fastkd
 from benchmarks.conftest import full_run
-from benchmarks.harness import peak_memory_bytes, run_benchmark
+from benchmarks.harness import measure
 from fastkd import reference
 
 ELEMENT_BYTES = 4
@@ -60,13 +60,8 @@ def test_binary_kl_div(benchmark, bench_device, record, shape, impl, mode):
             loss.backward()
         return loss
 
-    loss = step()
-    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-5)  # times the right thing
-    benchmark.group = f"binary_kl_div {mode} {shape}"
-    seconds = run_benchmark(benchmark, step, bench_device)
-    if seconds is None:  # smoke run: nothing timed
-        return
-    moved = ELEMENTS_MOVED[mode] * student.numel() * ELEMENT_BYTES
-    record("binary_kl_div", shape=list(shape), dtype="float32", impl=impl, mode=mode,
-           median_ms=seconds * 1e3, peak_memory_bytes=peak_memory_bytes(step, bench_device),
-           min_bytes_moved=moved, gb_per_s=moved / seconds / 1e9)
+    measure(benchmark, record, "binary_kl_div", step,
+            check=lambda loss: torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-5),
+            device=bench_device, group=f"binary_kl_div {mode} {shape}",
+            min_bytes_moved=ELEMENTS_MOVED[mode] * student.numel() * ELEMENT_BYTES,
+            shape=list(shape), dtype="float32", impl=impl, mode=mode)

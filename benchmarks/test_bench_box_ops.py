@@ -10,7 +10,7 @@ import torch
 
 import fastkd
 from benchmarks.conftest import full_run
-from benchmarks.harness import peak_memory_bytes, run_benchmark
+from benchmarks.harness import measure
 from fastkd import reference
 
 ELEMENT_BYTES = 4
@@ -84,18 +84,15 @@ def test_box_ops(benchmark, bench_device, record, case, op, impl, mode):
             torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
         return outputs
 
-    for out, ref in zip(step(), expected):  # times the right thing
-        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
-    benchmark.group = f"{op} {mode} {case['levels'][0]}"
-    seconds = run_benchmark(benchmark, step, bench_device)
-    if seconds is None:  # smoke run: nothing timed
-        return
+    def check(outputs):
+        for out, ref in zip(outputs, expected):
+            torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
     # the fewest bytes any implementation must move: read the levels (pool) or write them (paint), the (N, C)
     # rows the other way; the backward moves both again
     map_elements = sum(batch * channels * h * w for h, w in case["levels"])
     row_elements = boxes.shape[0] * channels * len(case["levels"])
     moved = (map_elements + row_elements) * ELEMENT_BYTES * (1 if mode == "forward" else 2)
-    record(op, shape=[batch, channels, *case["levels"][0]], levels=len(case["levels"]),
-           boxes=boxes.shape[0], dtype="float32", impl=impl, mode=mode, median_ms=seconds * 1e3,
-           peak_memory_bytes=peak_memory_bytes(step, bench_device), min_bytes_moved=moved,
-           gb_per_s=moved / seconds / 1e9)
+    measure(benchmark, record, op, step, check, bench_device, f"{op} {mode} {case['levels'][0]}",
+            min_bytes_moved=moved, shape=[batch, channels, *case["levels"][0]], levels=len(case["levels"]),
+            boxes=boxes.shape[0], dtype="float32", impl=impl, mode=mode)

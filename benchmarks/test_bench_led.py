@@ -7,7 +7,7 @@ import torch
 
 import fastkd
 from benchmarks.conftest import full_run
-from benchmarks.harness import peak_memory_bytes, run_benchmark
+from benchmarks.harness import measure
 from benchmarks.labels import coco_like_targets
 from fastkd import reference
 
@@ -60,17 +60,7 @@ def test_led(benchmark, bench_device, record, case, impl, mode):
             loss.backward()
         return loss
 
-    fields = dict(shape=[B, Q, D], positives=int(targets.sum()), dtype="float32", impl=impl, mode=mode,
-                  input_bytes=2 * student.numel() * student.element_size())
-    try:
-        loss = step()
-    except torch.OutOfMemoryError:  # the dense baselines at the stress shape: a result, not a failure
-        record("led", status="out of memory", **fields)
-        torch.cuda.empty_cache()
-        pytest.skip(f"{impl} ran out of memory at {case[0]}")
-    torch.testing.assert_close(loss.detach(), expected, rtol=2e-4, atol=1e-4)  # times the right thing
-    benchmark.group = f"led {mode} {(B, Q, D)}"
-    seconds = run_benchmark(benchmark, step, bench_device)
-    if seconds is None:
-        return
-    record("led", median_ms=seconds * 1e3, peak_memory_bytes=peak_memory_bytes(step, bench_device), **fields)
+    measure(benchmark, record, "led", step,
+            check=lambda loss: torch.testing.assert_close(loss.detach(), expected, rtol=2e-4, atol=1e-4),
+            device=bench_device, group=f"led {mode} {(B, Q, D)}", shape=[B, Q, D], positives=int(targets.sum()),
+            dtype="float32", impl=impl, mode=mode, input_bytes=2 * student.numel() * student.element_size())

@@ -9,7 +9,7 @@ import torch
 
 import fastkd
 from benchmarks.conftest import full_run
-from benchmarks.harness import peak_memory_bytes, run_benchmark
+from benchmarks.harness import measure
 from fastkd import reference
 
 
@@ -54,17 +54,7 @@ def test_tat_attention_loss(benchmark, bench_device, record, shape, impl, mode):
             loss.backward()
         return loss
 
-    fields = dict(shape=[B, N, C], dtype="float32", impl=impl, mode=mode, input_bytes=4 * q.numel() * q.element_size())
-    try:
-        loss = step()
-    except torch.OutOfMemoryError:  # eager at the full map needs B * N^2 * 4 bytes per attention matrix
-        record("tat_attention_loss", status="out of memory", **fields)
-        torch.cuda.empty_cache()
-        pytest.skip(f"{impl} ran out of memory at {shape}")
-    torch.testing.assert_close(loss.detach(), expected, rtol=2e-4, atol=1e-5)  # times the right thing
-    benchmark.group = f"tat {mode} {shape}"
-    seconds = run_benchmark(benchmark, step, bench_device)
-    if seconds is None:
-        return
-    record("tat_attention_loss", median_ms=seconds * 1e3, peak_memory_bytes=peak_memory_bytes(step, bench_device),
-           **fields)
+    measure(benchmark, record, "tat_attention_loss", step,
+            check=lambda loss: torch.testing.assert_close(loss.detach(), expected, rtol=2e-4, atol=1e-5),
+            device=bench_device, group=f"tat {mode} {shape}", shape=[B, N, C], dtype="float32", impl=impl,
+            mode=mode, input_bytes=4 * q.numel() * q.element_size())
