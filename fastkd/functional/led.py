@@ -3,7 +3,7 @@ import torch
 
 import fastkd.ops  # noqa: F401  (registers torch.ops.fastkd.*)
 from fastkd._checks import (check_binary_mask, check_choice, check_float_tensor, check_positive_number,
-                            check_same_device_and_dtype)
+                            check_same_device, check_same_device_and_dtype)
 
 REDUCTIONS = ("official", "sum", "mean", "none")
 
@@ -37,8 +37,7 @@ def masked_pairwise_huber(student: torch.Tensor, teacher: torch.Tensor, mask: to
                          f"{tuple(student.shape)} and {tuple(teacher.shape)}")
     check_same_device_and_dtype("teacher", teacher, "student", student)
     mask = check_binary_mask("mask", mask, student.shape[:2])
-    if mask.device != student.device:
-        raise ValueError(f"mask must be on the device of student ({student.device}), got {mask.device}")
+    check_same_device("mask", mask, "student", student)
     delta = check_positive_number("delta", delta)
     check_choice("reduction", reduction, REDUCTIONS)
     mean_floor = float(mean_floor)
