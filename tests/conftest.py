@@ -32,10 +32,12 @@ def device(request, monkeypatch):
 
 
 # Tolerances per dtype for a loss or gradient against a float64 reference on the same inputs:
-# fp32 accumulation everywhere, so low-precision errors come from rounding the output itself.
+# fp32 accumulation everywhere, so low-precision errors come from rounding the output itself. fp32's atol
+# is a few ulps of the inputs' magnitude (|z| ~ 16: ulp 1e-6): small results computed from such values
+# (a KL of nearby distributions cancels to first order) carry that absolute error whatever the formula.
 TOLERANCES = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float32: dict(rtol=1e-5, atol=5e-6),
     torch.float16: dict(rtol=2e-3, atol=1e-4),
     torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3),
 }
