@@ -184,6 +184,14 @@ def _backward_small_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_p
 
 
 @triton.jit
+def _backward_program(tiles, size, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This backward program's batch item, token tile (indices, validity against `size`) and channel tile."""
+    pid = tl.program_id(0)
+    index = (pid % tiles) * BLOCK + tl.arange(0, BLOCK)
+    return (pid // tiles).to(tl.int64), index, index < size, tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+
+
+@triton.jit
 def _backward_dkdv_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_ptr, s_vb, s_vn, s_vc,
                           r_ptr, s_rb, s_rn, s_rc, lse_ptr, rowdot_ptr, weight_ptr,
                           dk_ptr, s_dkb, s_dkn, s_dkc, dv_ptr, s_dvb, s_dvn, s_dvc,
@@ -191,11 +199,7 @@ def _backward_dkdv_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_pt
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """dK, dV of one key tile over one channel tile, looping over query tiles (S^T and dP'^T recomputed)."""
-    pid = tl.program_id(0)
-    b = (pid // col_tiles).to(tl.int64)
-    cols = (pid % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    valid_cols = cols < M
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b, cols, valid_cols, c = _backward_program(col_tiles, M, BLOCK_N, BLOCK_C)
     q_base, k_base, v_base, r_base = q_ptr + b * s_qb, k_ptr + b * s_kb, v_ptr + b * s_vb, r_ptr + b * s_rb
     dk = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC)
@@ -225,11 +229,7 @@ def _backward_dq_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_ptr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """dQ of one query tile over one channel tile, looping over key tiles (S and dP' recomputed)."""
-    pid = tl.program_id(0)
-    b = (pid // row_tiles).to(tl.int64)
-    rows = (pid % row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    valid_rows = rows < N
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b, rows, valid_rows, c = _backward_program(row_tiles, N, BLOCK_M, BLOCK_C)
     q_base, k_base, v_base, r_base = q_ptr + b * s_qb, k_ptr + b * s_kb, v_ptr + b * s_vb, r_ptr + b * s_rb
     lse = tl.load(lse_ptr + b * N + rows, mask=valid_rows, other=0.0)
     rowdot = tl.load(rowdot_ptr + b * N + rows, mask=valid_rows, other=0.0)
