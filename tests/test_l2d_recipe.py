@@ -1,12 +1,17 @@
-"""The L2D recipe: every method takes a training step, fastkd and reference losses agree, the CLI runs."""
+"""The L2D recipe: every method takes a training step, fastkd and reference losses agree, the CLI runs on the
+built-in and on a real (image-list) dataset, a given teacher checkpoint, autocast, DDP with 2 CPU processes."""
 import json
+import os
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from PIL import Image
 
 pytest.importorskip("sklearn")
 from fastkd.data import CanvasConfig, DigitCanvases  # noqa: E402
-from fastkd.recipes import cli, l2d  # noqa: E402
+from fastkd.recipes import cli, distributed, engine, l2d  # noqa: E402
 
 TINY = dict(canvas=CanvasConfig(size=24, digit_sizes=(8, 12), max_digits=3), teacher_backbone="cnn-4-8",
             student_backbone="cnn-4", embed_dim=16, heads=2, ffn_dim=32, led_warmup_epochs=0)
@@ -50,3 +55,84 @@ def test_cli_rejects_unknown_methods(capsys):
     with pytest.raises(SystemExit):
         cli.main(["l2d", "--methods", "vanilla,kd"])
     assert "unknown ['kd']" in capsys.readouterr().err
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    cfg = l2d.config_with(**TINY, out_dir=out_dir, device="cpu", train_samples=96, test_samples=37, teacher_epochs=1,
+                          student_epochs=1, batch_size=16, methods=("l2d",))
+    histories = l2d.run(cfg)
+    ctx = distributed.init("cpu")
+    student = l2d.build_model(cfg.student_backbone, cfg)
+    engine.load_weights(student, os.path.join(out_dir, "l2d"))
+    scores = l2d.evaluate(student.eval(), DigitCanvases("test", cfg.test_samples, cfg.canvas, cfg.seed), cfg, ctx)
+    torch.save({"params": [p.detach() for p in student.parameters()], "histories": histories, "scores": scores},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def _without_seconds(histories):
+    return {name: [{**record, "seconds": 0} for record in history] for name, history in histories.items()}
+
+
+def test_ddp_recipe_on_two_cpu_processes(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    for a, b in zip(rank0["params"], rank1["params"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert _without_seconds(rank0["histories"]) == _without_seconds(rank1["histories"])  # losses averaged over ranks
+    # the gathered evaluation scores all 37 test canvases once: it equals a single process scoring them
+    cfg = l2d.config_with(**TINY, test_samples=37)
+    student = l2d.build_model(cfg.student_backbone, cfg)
+    assert engine.load_weights(student, str(tmp_path / "l2d"))
+    single = l2d.evaluate(student.eval(), DigitCanvases("test", 37, cfg.canvas), cfg,
+                          distributed.Context(0, 1, torch.device("cpu")))
+    assert rank0["scores"] == pytest.approx(single, rel=1e-6)
+    assert json.loads((tmp_path / "results.json").read_text())["histories"]["l2d"][0]["epoch"] == 1
+
+
+def _write_image_list(root, split, n, classes=3):
+    gen = torch.Generator().manual_seed(len(split))
+    labels = (torch.rand(n, classes, generator=gen) < 0.5).int()
+    labels[:, 0] = 1 - labels[:, 1]  # every class occurs, and most rows have a positive
+    rows = []
+    for i, row in enumerate(labels.tolist()):
+        path = root / "images" / f"{split}{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (12, 10), tuple(int(80 * c) for c in row)).save(path)
+        rows.append(f"images/{path.name} " + " ".join(map(str, row)))
+    (root / f"{split}.txt").write_text("\n".join(rows) + "\n")
+
+
+def test_real_dataset_and_a_given_teacher_checkpoint(tmp_path, capsys):
+    _write_image_list(tmp_path, "train", 12)
+    _write_image_list(tmp_path, "test", 6)
+    common = ["l2d", "--dataset", "image-list", "--data-root", str(tmp_path), "--image-size", "16",
+              "--num-workers", "0", "--teacher-backbone", "cnn-4-8", "--student-backbone", "cnn-4",
+              "--teacher-epochs", "1", "--student-epochs", "1", "--batch-size", "4", "--methods", "vanilla,l2d"]
+    cli.main(common + ["--out-dir", str(tmp_path / "first")])
+    first = json.loads((tmp_path / "first" / "results.json").read_text())["histories"]
+    assert set(first) == {"teacher", "vanilla", "l2d"}
+    state = torch.load(tmp_path / "first" / "teacher" / "last.pt", weights_only=False)["model"]
+    assert state["head.queries"].shape[0] == 3 and state["backbone.0.weight"].shape[1] == 3  # classes, RGB
+    cli.main(common + ["--out-dir", str(tmp_path / "second"), "--teacher-checkpoint",
+                       str(tmp_path / "first" / "teacher" / "last.pt")])
+    second = json.loads((tmp_path / "second" / "results.json").read_text())["histories"]
+    assert not (tmp_path / "second" / "teacher").exists()
+    assert second["teacher"][0]["mAP"] == pytest.approx(first["teacher"][-1]["mAP"])
+    assert _without_seconds(second)["vanilla"] == _without_seconds(first)["vanilla"]
+    assert "image-list test set" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_step_and_grad_scaler(amp, tmp_path):
+    cfg = l2d.config_with(**TINY, amp=amp, out_dir=str(tmp_path), device="cpu", train_samples=32, test_samples=16,
+                          teacher_epochs=1, student_epochs=1, batch_size=16, methods=("l2d",))
+    histories = l2d.run(cfg)
+    checkpoint = torch.load(tmp_path / "l2d" / "last.pt", weights_only=False)
+    assert all(torch.isfinite(torch.tensor(h[-1]["train_loss"])) for h in histories.values())
+    assert (checkpoint["scaler"] is not None) == (amp == "fp16")  # fp16 scales the loss, bf16 needs no scaler

@@ -35,6 +35,11 @@ def init(device: str = "auto") -> Context:
     return Context(rank, world_size, target)
 
 
+def group(ctx: Context):
+    """The process group spanning every rank, or None in a single process."""
+    return dist.group.WORLD if ctx.distributed else None
+
+
 def gather_rows(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
     """Concatenate every rank's (n_r, ...) rows (n_r may differ) in rank order; no rows duplicated."""
     if not ctx.distributed:

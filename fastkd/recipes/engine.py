@@ -21,13 +21,15 @@ def save_atomically(state: dict, path: str) -> None:
 
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset, *, epochs: int,
           batch_size: int, step: Callable, evaluate: Callable[[torch.nn.Module], Dict[str, float]], run_dir: str,
-          ctx: Context, seed: int = 0, resume: bool = True, name: str = "", num_workers: int = 0) -> List[dict]:
+          ctx: Context, seed: int = 0, resume: bool = True, name: str = "", num_workers: int = 0,
+          scheduler=None, scaler: Optional[torch.amp.GradScaler] = None) -> List[dict]:
     """Train `model` and return the history (one dict of metrics per epoch).
 
     step(model, batch, epoch) -> loss; model is DDP-wrapped when distributed. evaluate(model) -> metrics,
-    called on every rank (gather inside it). run_dir/last.pt holds model, optimizer, epoch and history after
-    every finished epoch; with `resume`, a run that finds it continues from there. Shuffling is seeded by
-    (seed, epoch), so a resumed run sees the batches the uninterrupted one would have.
+    called on every rank (gather inside it). `scheduler` (optional) is stepped after every optimizer step taken;
+    `scaler` (optional, for fp16 autocast) scales the loss. run_dir/last.pt holds model, optimizer, scheduler,
+    scaler, epoch and history after every finished epoch; with `resume`, a run that finds it continues from
+    there. Shuffling is seeded by (seed, epoch), so a resumed run sees the batches the uninterrupted one would.
     """
     checkpoint_path = os.path.join(run_dir, "last.pt")
     start, history = 0, []
@@ -35,6 +37,9 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dat
         state = torch.load(checkpoint_path, map_location=ctx.device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        for stateful, key in ((scheduler, "scheduler"), (scaler, "scaler")):
+            if stateful is not None:
+                stateful.load_state_dict(state[key])
         start, history = state["epoch"], state["history"]
     wrapped = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda"
                                                          else None) if ctx.distributed else model)
@@ -48,21 +53,43 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dat
             batch = [x.to(ctx.device, non_blocking=True) for x in batch]
             loss = step(wrapped, batch, epoch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            stepped = True
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scale = scaler.get_scale()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                stepped = scaler.get_scale() >= scale  # a lowered scale means inf/NaN gradients: step skipped
+            if scheduler is not None and stepped:
+                scheduler.step()
             total, batches = total + loss.detach(), batches + 1
+        mean_loss = torch.as_tensor(total, dtype=torch.float64, device=ctx.device) / max(batches, 1)
+        if ctx.distributed:  # the mean over ranks: every rank records the same history
+            torch.distributed.all_reduce(mean_loss)
+            mean_loss /= ctx.world_size
         model.eval()
         with torch.no_grad():
             metrics = evaluate(model)
-        record = {"epoch": epoch + 1, "train_loss": float(total) / max(batches, 1), "seconds": time.time() - began,
+        record = {"epoch": epoch + 1, "train_loss": float(mean_loss), "seconds": time.time() - began,
                   **metrics}
         history.append(record)
         if ctx.is_main:
-            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                             "history": history}, checkpoint_path)
+            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler and scheduler.state_dict(), "scaler": scaler and scaler.state_dict(),
+                             "epoch": epoch + 1, "history": history}, checkpoint_path)
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if ctx.distributed:  # every rank leaves an epoch only once its checkpoint is on disk
+            torch.distributed.barrier()
     return history
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, ctx: Context) -> int:
+    """Optimizer steps in one epoch of train() (each rank's shard, last partial batch dropped)."""
+    return -(-num_samples // ctx.world_size) // batch_size
 
 
 def _progress(loader, description: str, ctx: Context):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import fastkd
 from fastkd import metrics, reference
-from fastkd.data import CanvasConfig, DigitCanvases
+from fastkd.data import CanvasConfig, DigitCanvases, open_dataset
 from fastkd.models import LabelWiseEmbeddingHead, MultiLabelNet, build_backbone
 from fastkd.recipes import distributed, engine
 
@@ -34,18 +34,26 @@ class L2DConfig:
     seed: int = 0
     device: str = "auto"
     amp: Optional[str] = None            # None, "bf16" or "fp16" (GPU autocast)
+    dataset: str = "digits"              # built-in canvases, or a real dataset under data_root (REAL_SPLITS)
+    data_root: Optional[str] = None
+    image_size: int = 224                # real datasets only
+    num_workers: int = 4                 # real datasets only: image decoding processes per rank
     canvas: CanvasConfig = field(default_factory=CanvasConfig)
-    train_samples: int = 2000
+    train_samples: int = 2000            # built-in canvases only
     test_samples: int = 1000
     teacher_backbone: str = "cnn-16-32-64"
     student_backbone: str = "cnn-8-16"
+    teacher_backbone_weights: Optional[str] = None   # local state_dict files of the backbones (e.g. ImageNet)
+    student_backbone_weights: Optional[str] = None
+    teacher_checkpoint: Optional[str] = None         # a trained teacher (a run's last.pt or a state_dict): no training
     embed_dim: int = 64
     heads: int = 4
     ffn_dim: int = 128
     teacher_epochs: int = 6
     student_epochs: int = 6
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 2e-3                     # peak learning rate
+    lr_schedule: str = "onecycle"        # "onecycle" (per step, 20% warm-up, as ML-Decoder/ASL) or "constant"
     # official weights are 10 / 100 / 1000; they collapse a small randomly initialised student (see
     # shared/design/observations.md), so the preset scales LED down and starts it after a warm-up
     lambda_mld: float = 10.0
@@ -58,22 +66,50 @@ class L2DConfig:
     resume: bool = True
 
 
-def build_model(backbone: str, cfg: L2DConfig) -> MultiLabelNet:
-    net, channels = build_backbone(backbone, in_channels=1)
-    return MultiLabelNet(net, LabelWiseEmbeddingHead(channels, 10, cfg.embed_dim, cfg.heads, cfg.ffn_dim))
+REAL_SPLITS = {"voc2007": ("trainval", "test"), "coco2014": ("train", "val"), "image-list": ("train", "test")}
 
 
-def distillation_terms(cfg: L2DConfig):
-    """(mld, cd, id) loss functions of the chosen implementation."""
+def load_data(cfg: L2DConfig) -> dict:
+    """{"train": dataset, "test": dataset}: the built-in canvases, or cfg.dataset's (train, test) REAL_SPLITS
+    (training images flipped at random)."""
+    if cfg.dataset == "digits":
+        return {"train": DigitCanvases("train", cfg.train_samples, cfg.canvas, cfg.seed),
+                "test": DigitCanvases("test", cfg.test_samples, cfg.canvas, cfg.seed)}
+    if cfg.dataset not in REAL_SPLITS:
+        raise ValueError(f"dataset must be 'digits' or one of {sorted(REAL_SPLITS)}, got {cfg.dataset!r}")
+    if cfg.data_root is None:
+        raise ValueError(f"dataset {cfg.dataset!r} needs data_root (--data-root), the directory holding it")
+    train, test = REAL_SPLITS[cfg.dataset]
+    return {"train": open_dataset(cfg.dataset, cfg.data_root, train, cfg.image_size, augment=True),
+            "test": open_dataset(cfg.dataset, cfg.data_root, test, cfg.image_size)}
+
+
+def build_model(backbone: str, cfg: L2DConfig, num_classes: int = 10, in_channels: int = 1,
+                weights: Optional[str] = None) -> MultiLabelNet:
+    net, channels = build_backbone(backbone, in_channels, weights)
+    return MultiLabelNet(net, LabelWiseEmbeddingHead(channels, num_classes, cfg.embed_dim, cfg.heads, cfg.ffn_dim))
+
+
+def model_for(backbone: str, cfg: L2DConfig, dataset, weights: Optional[str] = None) -> MultiLabelNet:
+    """build_model with the dataset's number of classes and image channels."""
+    return build_model(backbone, cfg, dataset.targets.shape[1], getattr(dataset, "in_channels", 1), weights)
+
+
+def distillation_terms(cfg: L2DConfig, process_group=None):
+    """(mld, cd, id) loss functions of the chosen implementation. Under DDP, fastkd's CD spans the global
+    batch through `process_group` (a class's group has members on every rank); ID's groups are per image."""
+    floor = dict(mean_floor=cfg.mean_floor)
     if cfg.loss_impl == "reference":
+        if process_group is not None:
+            raise ValueError("loss_impl='reference' computes CD on each rank's batch only; use 'fastkd' under DDP")
         return (reference.binary_kl_div_official,
-                lambda s, t, y: reference.led_cd_loss(s, t, y, mean_floor=cfg.mean_floor),
-                lambda s, t, y: reference.led_id_loss(s, t, y, mean_floor=cfg.mean_floor))
+                lambda s, t, y: reference.led_cd_loss(s, t, y, **floor),
+                lambda s, t, y: reference.led_id_loss(s, t, y, **floor))
     if cfg.loss_impl != "fastkd":
         raise ValueError(f"loss_impl must be 'fastkd' or 'reference', got {cfg.loss_impl!r}")
     return (fastkd.binary_kl_div,
-            lambda s, t, y: fastkd.led_cd_loss(s, t, y, mean_floor=cfg.mean_floor),
-            lambda s, t, y: fastkd.led_id_loss(s, t, y, mean_floor=cfg.mean_floor))
+            lambda s, t, y: fastkd.led_cd_loss(s, t, y, process_group=process_group, **floor),
+            lambda s, t, y: fastkd.led_id_loss(s, t, y, **floor))
 
 
 def _autocast(cfg: L2DConfig, device: torch.device):
@@ -86,9 +122,10 @@ def _full_precision(*tensors):
     return [x.to(torch.promote_types(x.dtype, torch.float32)) for x in tensors]
 
 
-def make_step(method: str, cfg: L2DConfig, teacher: Optional[torch.nn.Module], device: torch.device):
+def make_step(method: str, cfg: L2DConfig, teacher: Optional[torch.nn.Module], device: torch.device,
+              process_group=None):
     use_mld, use_cd, use_id = METHODS[method]
-    mld, cd, id_ = distillation_terms(cfg)
+    mld, cd, id_ = distillation_terms(cfg, process_group)
 
     def step(model, batch, epoch):
         images, targets = batch
@@ -115,14 +152,13 @@ def make_step(method: str, cfg: L2DConfig, teacher: Optional[torch.nn.Module], d
 
 def evaluate(model, dataset, cfg: L2DConfig, ctx: distributed.Context) -> Dict[str, float]:
     """mAP, OF1, CF1 (both conventions) over `dataset`, each rank scoring its own shard, gathered."""
-    shard = range(ctx.rank, len(dataset), ctx.world_size)
+    shard = torch.utils.data.Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
     scores, targets = [], []
-    for start in range(0, len(shard), 256):
-        index = torch.tensor(shard[start:start + 256])
+    for images, labels in torch.utils.data.DataLoader(shard, batch_size=256, num_workers=_workers(cfg)):
         with _autocast(cfg, ctx.device):
-            logits, _ = model(dataset.images[index].to(ctx.device))
+            logits, _ = model(images.to(ctx.device))
         scores.append(torch.sigmoid(logits.float()))
-        targets.append(dataset.targets[index].to(ctx.device))
+        targets.append(labels.to(ctx.device))
     scores = distributed.gather_rows(torch.cat(scores), ctx).cpu()
     targets = distributed.gather_rows(torch.cat(targets), ctx).cpu()
     m_ap, skipped = metrics.mean_average_precision(scores, targets)
@@ -132,16 +168,29 @@ def evaluate(model, dataset, cfg: L2DConfig, ctx: distributed.Context) -> Dict[s
     return result
 
 
-def train_model(name: str, backbone: str, epochs: int, cfg: L2DConfig, data, ctx, teacher=None):
+def _workers(cfg: L2DConfig) -> int:
+    return 0 if cfg.dataset == "digits" else cfg.num_workers  # canvases are in memory already
+
+
+def train_model(name: str, backbone: str, epochs: int, cfg: L2DConfig, data, ctx, teacher=None,
+                weights: Optional[str] = None):
     torch.manual_seed(cfg.seed)
-    model = build_model(backbone, cfg).to(ctx.device)
+    model = model_for(backbone, cfg, data["train"], weights).to(ctx.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = None
+    if cfg.lr_schedule == "onecycle":
+        steps = engine.steps_per_epoch(len(data["train"]), cfg.batch_size, ctx)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=max(epochs * steps, 1),
+                                                        pct_start=0.2)
+    elif cfg.lr_schedule != "constant":
+        raise ValueError(f"lr_schedule must be 'onecycle' or 'constant', got {cfg.lr_schedule!r}")
+    scaler = torch.amp.GradScaler(ctx.device.type) if cfg.amp == "fp16" else None
     method = "vanilla" if teacher is None else name
     history = engine.train(model, optimizer, data["train"], epochs=epochs, batch_size=cfg.batch_size,
-                           step=make_step(method, cfg, teacher, ctx.device),
+                           step=make_step(method, cfg, teacher, ctx.device, distributed.group(ctx)), scheduler=scheduler, scaler=scaler,
                            evaluate=lambda m: evaluate(m, data["test"], cfg, ctx),
                            run_dir=os.path.join(cfg.out_dir, name), ctx=ctx, seed=cfg.seed, resume=cfg.resume,
-                           name=name)
+                           name=name, num_workers=_workers(cfg))
     return model, history
 
 
@@ -149,14 +198,20 @@ def run(cfg: L2DConfig) -> dict:
     """Train the teacher and every student in cfg.methods; return {name: history} and write
     out_dir/results.json, out_dir/results.md (the table) and out_dir/results.png (curves and bars)."""
     ctx = distributed.init(cfg.device)
-    data = {"train": DigitCanvases("train", cfg.train_samples, cfg.canvas, cfg.seed),
-            "test": DigitCanvases("test", cfg.test_samples, cfg.canvas, cfg.seed)}
-    teacher, teacher_history = train_model("teacher", cfg.teacher_backbone, cfg.teacher_epochs, cfg, data, ctx)
+    data = load_data(cfg)
+    if cfg.teacher_checkpoint:
+        teacher = model_for(cfg.teacher_backbone, cfg, data["train"]).to(ctx.device)
+        state = torch.load(cfg.teacher_checkpoint, map_location=ctx.device, weights_only=False)
+        teacher.load_state_dict(state.get("model", state))
+        teacher_history = [{"epoch": 0, **evaluate(teacher.eval(), data["test"], cfg, ctx)}]
+    else:
+        teacher, teacher_history = train_model("teacher", cfg.teacher_backbone, cfg.teacher_epochs, cfg, data, ctx,
+                                               weights=cfg.teacher_backbone_weights)
     teacher.eval().requires_grad_(False)
     histories = {"teacher": teacher_history}
     for method in cfg.methods:
         _, histories[method] = train_model(method, cfg.student_backbone, cfg.student_epochs, cfg, data, ctx,
-                                           teacher=teacher)
+                                           teacher=teacher, weights=cfg.student_backbone_weights)
     if ctx.is_main:
         write_report(cfg, histories)
     return histories
