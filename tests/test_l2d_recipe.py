@@ -136,3 +136,15 @@ def test_autocast_step_and_grad_scaler(amp, tmp_path):
     checkpoint = torch.load(tmp_path / "l2d" / "last.pt", weights_only=False)
     assert all(torch.isfinite(torch.tensor(h[-1]["train_loss"])) for h in histories.values())
     assert (checkpoint["scaler"] is not None) == (amp == "fp16")  # fp16 scales the loss, bf16 needs no scaler
+
+
+def test_summary_over_runs(tmp_path, capsys):
+    for run, (teacher, vanilla, student) in enumerate([(90.0, 60.0, 72.0), (80.0, 70.0, 71.0)]):
+        (tmp_path / str(run)).mkdir()
+        histories = {"teacher": [{"mAP": teacher}], "vanilla": [{"mAP": 0.0}, {"mAP": vanilla}],
+                     "l2d": [{"mAP": student}]}
+        (tmp_path / str(run) / "results.json").write_text(json.dumps({"histories": histories}))
+    cli.main(["l2d-summary", str(tmp_path / "0"), str(tmp_path / "1")])
+    out = capsys.readouterr().out
+    assert "| vanilla | 65.0 ± 7.1 | 60.0 / 70.0 | - |" in out
+    assert "| l2d | 71.5 ± 0.7 | 72.0 / 71.0 | 25% |" in out  # mean of 40% and 10%

@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, help="peak learning rate (Adam)")
     p.add_argument("--lr-schedule", choices=["onecycle", "constant"])
     p.add_argument("--lambda-mld", type=float)
+    p.add_argument("--mld-temperature", type=float, help="MLD temperature (1 = official; loss scaled by T^2)")
     p.add_argument("--lambda-cd", type=float)
     p.add_argument("--lambda-id", type=float)
     p.add_argument("--led-warmup-epochs", type=int)
@@ -42,8 +43,12 @@ def main(argv=None) -> int:
     p.add_argument("--methods", help="comma-separated subset of " + ",".join(l2d.METHODS))
     p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
                    help="start over even if checkpoints exist in --out-dir")
+    summary = recipes.add_parser("l2d-summary", help="mean ± std over several l2d runs (e.g. seeds)")
+    summary.add_argument("run_dirs", nargs="+", help="--out-dir of each finished l2d run")
     args = vars(parser.parse_args(argv))
-    args.pop("recipe")
+    if args.pop("recipe") == "l2d-summary":
+        print(l2d.summarize(args["run_dirs"]))
+        return 0
     if args.get("methods"):
         args["methods"] = tuple(args["methods"].split(","))
         unknown = set(args["methods"]) - set(l2d.METHODS)
