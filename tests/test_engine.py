@@ -52,6 +52,8 @@ def test_an_interrupted_run_resumes_without_losing_finished_epochs(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+    log = (tmp_path / "killed" / "train.log").read_text().splitlines()
+    assert [line.split("epoch ")[1][:3] for line in log] == ["1/4", "2/4", "3/4", "4/4"] and "accuracy" in log[0]
     assert [h["accuracy"] for h in history] == [h["accuracy"] for h in straight_history]
 
 

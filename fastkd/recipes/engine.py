@@ -26,10 +26,11 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dat
     """Train `model` and return the history (one dict of metrics per epoch).
 
     step(model, batch, epoch) -> loss; model is DDP-wrapped when distributed. evaluate(model) -> metrics,
-    called on every rank (gather inside it). `scheduler` (optional) is stepped after every optimizer step taken;
-    `scaler` (optional, for fp16 autocast) scales the loss. run_dir/last.pt holds model, optimizer, scheduler,
-    scaler, epoch and history after every finished epoch; with `resume`, a run that finds it continues from
-    there. Shuffling is seeded by (seed, epoch), so a resumed run sees the batches the uninterrupted one would.
+    called on every rank (gather inside it). `scheduler` (optional) is stepped after every optimizer step
+    taken; `scaler` (optional, for fp16 autocast) scales the loss. After every finished epoch, run_dir/last.pt
+    holds model, optimizer, scheduler, scaler, epoch and history, the metrics are printed and appended to
+    run_dir/metrics.jsonl and run_dir/train.log. With `resume`, a run that finds last.pt continues from there.
+    Shuffling is seeded by (seed, epoch), so a resumed run sees the batches the uninterrupted one would.
     """
     checkpoint_path = os.path.join(run_dir, "last.pt")
     start, history = 0, []
@@ -82,6 +83,11 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dat
                              "epoch": epoch + 1, "history": history}, checkpoint_path)
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
+            line = f"{name} epoch {epoch + 1}/{epochs}: ".lstrip() + ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "epoch")
+            print(line, flush=True)
+            with open(os.path.join(run_dir, "train.log"), "a") as f:
+                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
         if ctx.distributed:  # every rank leaves an epoch only once its checkpoint is on disk
             torch.distributed.barrier()
     return history
