@@ -148,3 +148,33 @@ def test_summary_over_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| vanilla | 65.0 ± 7.1 | 60.0 / 70.0 | - |" in out
     assert "| l2d | 71.5 ± 0.7 | 72.0 / 71.0 | 25% |" in out  # mean of 40% and 10%
+
+
+def test_a_killed_ablation_resumes_where_it_stopped(tmp_path, monkeypatch):
+    common = ["l2d", "--train-samples", "64", "--test-samples", "32", "--teacher-epochs", "1", "--student-epochs",
+              "2", "--batch-size", "16", "--methods", "vanilla,l2d"]
+    original_config, original_step = l2d.config_with, l2d.make_step
+    monkeypatch.setattr(l2d, "config_with", lambda **kw: original_config(**{**TINY, **kw}))
+    cli.main(common + ["--out-dir", str(tmp_path / "straight")])
+
+    def step_killed_in_l2d_epoch_2(method, *args, **kwargs):
+        step = original_step(method, *args, **kwargs)
+
+        def killable(model, batch, epoch):
+            if method == "l2d" and epoch == 1:
+                raise KeyboardInterrupt("killed")
+            return step(model, batch, epoch)
+        return killable
+
+    monkeypatch.setattr(l2d, "make_step", step_killed_in_l2d_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(common + ["--out-dir", str(tmp_path / "killed")])
+    monkeypatch.setattr(l2d, "make_step", original_step)
+    trained_before = {name: (tmp_path / "killed" / name / "last.pt").stat().st_mtime_ns
+                      for name in ("teacher", "vanilla")}
+    cli.main(common + ["--out-dir", str(tmp_path / "killed"), "--resume"])
+    assert trained_before == {name: (tmp_path / "killed" / name / "last.pt").stat().st_mtime_ns
+                              for name in ("teacher", "vanilla")}  # finished models were not retrained
+    straight, resumed = (json.loads((tmp_path / d / "results.json").read_text())["histories"]
+                         for d in ("straight", "killed"))
+    assert _without_seconds(resumed) == _without_seconds(straight)

@@ -41,7 +41,9 @@ def main(argv=None) -> int:
     p.add_argument("--mean-floor", type=float, help="floor on LED's normalising means (0 = official)")
     p.add_argument("--loss-impl", choices=["fastkd", "reference"], help="fastkd ops or the plain formulas")
     p.add_argument("--methods", help="comma-separated subset of " + ",".join(l2d.METHODS))
-    p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
+    p.add_argument("--resume", dest="resume", action="store_true", default=None,
+                   help="continue the runs checkpointed in --out-dir (the default)")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start over even if checkpoints exist in --out-dir")
     summary = recipes.add_parser("l2d-summary", help="mean ± std over several l2d runs (e.g. seeds)")
     summary.add_argument("run_dirs", nargs="+", help="--out-dir of each finished l2d run")

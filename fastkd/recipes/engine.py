@@ -28,7 +28,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dat
     step(model, batch, epoch) -> loss; model is DDP-wrapped when distributed. evaluate(model) -> metrics,
     called on every rank (gather inside it). `scheduler` (optional) is stepped after every optimizer step
     taken; `scaler` (optional, for fp16 autocast) scales the loss. After every finished epoch, run_dir/last.pt
-    holds model, optimizer, scheduler, scaler, epoch and history, the metrics are printed and appended to
+    holds model, optimizer, scheduler, scaler, random state, epoch and history, the metrics are printed and appended to
     run_dir/metrics.jsonl and run_dir/train.log. With `resume`, a run that finds last.pt continues from there.
     Shuffling is seeded by (seed, epoch), so a resumed run sees the batches the uninterrupted one would.
     """
@@ -41,6 +41,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dat
         for stateful, key in ((scheduler, "scheduler"), (scaler, "scaler")):
             if stateful is not None:
                 stateful.load_state_dict(state[key])
+        _set_rng_state(state["rng"], ctx)
         start, history = state["epoch"], state["history"]
     wrapped = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda"
                                                          else None) if ctx.distributed else model)
@@ -80,7 +81,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dat
         if ctx.is_main:
             save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler and scheduler.state_dict(), "scaler": scaler and scaler.state_dict(),
-                             "epoch": epoch + 1, "history": history}, checkpoint_path)
+                             "rng": _rng_state(ctx), "epoch": epoch + 1, "history": history}, checkpoint_path)
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
             line = f"{name} epoch {epoch + 1}/{epochs}: ".lstrip() + ", ".join(
@@ -91,6 +92,20 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dat
         if ctx.distributed:  # every rank leaves an epoch only once its checkpoint is on disk
             torch.distributed.barrier()
     return history
+
+
+def _rng_state(ctx: Context) -> dict:
+    """The random state dropout and augmentation draw from, so that a resumed epoch draws what it would have."""
+    state = {"cpu": torch.get_rng_state()}
+    if ctx.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(ctx.device)
+    return state
+
+
+def _set_rng_state(state: dict, ctx: Context) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], ctx.device)
 
 
 def steps_per_epoch(num_samples: int, batch_size: int, ctx: Context) -> int:
