@@ -93,6 +93,8 @@ def generate_canvases(split: str, num_samples: int, config: CanvasConfig = Canva
 class DigitCanvases(torch.utils.data.Dataset):
     """generate_canvases as a Dataset of (image (1, S, S), target (10,) float)."""
 
+    in_channels, num_classes = 1, NUM_CLASSES
+
     def __init__(self, split: str, num_samples: int, config: CanvasConfig = CanvasConfig(), seed: int = 0):
         self.images, targets, self.sources = generate_canvases(split, num_samples, config, seed)
         self.targets = targets.float()

@@ -28,8 +28,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dat
     step(model, batch, epoch) -> loss; model is DDP-wrapped when distributed. evaluate(model) -> metrics,
     called on every rank (gather inside it). `scheduler` (optional) is stepped after every optimizer step
     taken; `scaler` (optional, for fp16 autocast) scales the loss. After every finished epoch, run_dir/last.pt
-    holds model, optimizer, scheduler, scaler, random state, epoch and history, the metrics are printed and appended to
-    run_dir/metrics.jsonl and run_dir/train.log. With `resume`, a run that finds last.pt continues from there.
+    holds model, optimizer, scheduler, scaler, random state, epoch and history, and the metrics are printed and
+    appended to run_dir/metrics.jsonl and run_dir/train.log. With `resume`, a run finding last.pt continues it.
     Shuffling is seeded by (seed, epoch), so a resumed run sees the batches the uninterrupted one would.
     """
     checkpoint_path = os.path.join(run_dir, "last.pt")
@@ -80,7 +80,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dat
         history.append(record)
         if ctx.is_main:
             save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler and scheduler.state_dict(), "scaler": scaler and scaler.state_dict(),
+                             "scheduler": scheduler.state_dict() if scheduler else None,
+                             "scaler": scaler.state_dict() if scaler else None,
                              "rng": _rng_state(ctx), "epoch": epoch + 1, "history": history}, checkpoint_path)
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -94,24 +94,24 @@ def build_model(backbone: str, cfg: L2DConfig, num_classes: int = 10, in_channel
 
 def model_for(backbone: str, cfg: L2DConfig, dataset, weights: Optional[str] = None) -> MultiLabelNet:
     """build_model with the dataset's number of classes and image channels."""
-    return build_model(backbone, cfg, dataset.targets.shape[1], getattr(dataset, "in_channels", 1), weights)
+    return build_model(backbone, cfg, dataset.num_classes, dataset.in_channels, weights)
 
 
 def distillation_terms(cfg: L2DConfig, process_group=None):
     """(mld, cd, id) loss functions of the chosen implementation. Under DDP, fastkd's CD spans the global
     batch through `process_group` (a class's group has members on every rank); ID's groups are per image."""
-    floor, t = dict(mean_floor=cfg.mean_floor), cfg.mld_temperature
+    floor, temperature = dict(mean_floor=cfg.mean_floor), cfg.mld_temperature
     if cfg.loss_impl == "reference":
         if process_group is not None:
             raise ValueError("loss_impl='reference' computes CD on each rank's batch only; use 'fastkd' under DDP")
-        mld = (reference.binary_kl_div_official if t == 1 else
-               lambda s, z: t * t * reference.binary_kl_div(s, z, temperature=t))
+        mld = (reference.binary_kl_div_official if temperature == 1 else
+               lambda s, t: temperature ** 2 * reference.binary_kl_div(s, t, temperature=temperature))
         return (mld,
                 lambda s, t, y: reference.led_cd_loss(s, t, y, **floor),
                 lambda s, t, y: reference.led_id_loss(s, t, y, **floor))
     if cfg.loss_impl != "fastkd":
         raise ValueError(f"loss_impl must be 'fastkd' or 'reference', got {cfg.loss_impl!r}")
-    return (lambda s, z: t * t * fastkd.binary_kl_div(s, z, temperature=t),
+    return (lambda s, t: temperature ** 2 * fastkd.binary_kl_div(s, t, temperature=temperature),
             lambda s, t, y: fastkd.led_cd_loss(s, t, y, process_group=process_group, **floor),
             lambda s, t, y: fastkd.led_id_loss(s, t, y, **floor))
 
@@ -191,7 +191,8 @@ def train_model(name: str, backbone: str, epochs: int, cfg: L2DConfig, data, ctx
     scaler = torch.amp.GradScaler(ctx.device.type) if cfg.amp == "fp16" else None
     method = "vanilla" if teacher is None else name
     history = engine.train(model, optimizer, data["train"], epochs=epochs, batch_size=cfg.batch_size,
-                           step=make_step(method, cfg, teacher, ctx.device, distributed.group(ctx)), scheduler=scheduler, scaler=scaler,
+                           step=make_step(method, cfg, teacher, ctx.device, distributed.group(ctx)),
+                           scheduler=scheduler, scaler=scaler,
                            evaluate=lambda m: evaluate(m, data["test"], cfg, ctx),
                            run_dir=os.path.join(cfg.out_dir, name), ctx=ctx, seed=cfg.seed, resume=cfg.resume,
                            name=name, num_workers=_workers(cfg))
