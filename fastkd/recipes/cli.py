@@ -4,7 +4,7 @@ import argparse
 import sys
 import time
 
-from fastkd.recipes import l2d
+from fastkd.recipes import distributed, l2d
 
 
 def main(argv=None) -> int:
@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     cfg = l2d.config_with(**args)
     began = time.time()
     histories = l2d.run(cfg)
+    if not distributed.finish():
+        return 0
     print(f"\nL2D ablation ({cfg.dataset} test set; {time.time() - began:.0f} s):\n")
     print(l2d.results_table(histories))
     print(f"\ntable, JSON, plot, checkpoints and per-epoch metrics: {cfg.out_dir}/")

@@ -35,6 +35,15 @@ def init(device: str = "auto") -> Context:
     return Context(rank, world_size, target)
 
 
+def finish() -> bool:
+    """Leave the process group, if any; True on the process that reports (rank 0, or the only one)."""
+    if not dist.is_initialized():
+        return True
+    is_main = dist.get_rank() == 0
+    dist.destroy_process_group()
+    return is_main
+
+
 def group(ctx: Context):
     """The process group spanning every rank, or None in a single process."""
     return dist.group.WORLD if ctx.distributed else None
