@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before triton is first imported, hence at the top of this file.
 """
 import os
+import socket
 
 import pytest
 import torch
@@ -73,3 +74,16 @@ def assert_close_norm(actual, expected, dtype=None):
     error = (actual - expected).norm().item()
     scale = expected.norm().item()
     assert error <= tol * max(scale, 1e-12), f"relative error {error / max(scale, 1e-30):.3g} > {tol:g}"
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now, for a test's process group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_environment(rank: int, world: int, port: int) -> None:
+    """The variables torchrun sets, so that a spawned test process joins the group as torchrun's would."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))

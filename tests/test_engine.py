@@ -1,13 +1,13 @@
 """The shared training engine: resume after an interruption, atomic checkpoints, DDP on CPU."""
 import json
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 from fastkd.recipes import distributed, engine
+from tests.conftest import free_port, torchrun_environment
 
 
 def _problem(seed=0):
@@ -58,8 +58,7 @@ def test_an_interrupted_run_resumes_without_losing_finished_epochs(tmp_path):
 
 
 def _ddp_worker(rank, world, port, run_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    torchrun_environment(rank, world, port)
     ctx = distributed.init("cpu")
     model, _ = _fit(run_dir, 2, ctx)
     gathered = distributed.gather_rows(torch.arange(rank + 2)[:, None], ctx)
@@ -68,9 +67,7 @@ def _ddp_worker(rank, world, port, run_dir):
 
 
 def test_ddp_on_cpu_keeps_ranks_in_sync(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     torch.testing.assert_close(rank0["weight"], rank1["weight"])

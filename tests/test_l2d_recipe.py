@@ -2,7 +2,6 @@
 built-in and on a real (image-list) dataset, a given teacher checkpoint, autocast, DDP with 2 CPU processes."""
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from PIL import Image
 pytest.importorskip("sklearn")
 from fastkd.data import CanvasConfig, DigitCanvases  # noqa: E402
 from fastkd.recipes import cli, distributed, engine, l2d  # noqa: E402
+from tests.conftest import free_port, torchrun_environment  # noqa: E402
 
 TINY = dict(canvas=CanvasConfig(size=24, digit_sizes=(8, 12), max_digits=3), teacher_backbone="cnn-4-8",
             student_backbone="cnn-4", embed_dim=16, heads=2, ffn_dim=32, led_warmup_epochs=0)
@@ -58,8 +58,7 @@ def test_cli_rejects_unknown_methods(capsys):
 
 
 def _ddp_worker(rank, world, port, out_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    torchrun_environment(rank, world, port)
     cfg = l2d.config_with(**TINY, out_dir=out_dir, device="cpu", train_samples=96, test_samples=37, teacher_epochs=1,
                           student_epochs=1, batch_size=16, methods=("l2d",))
     histories = l2d.run(cfg)
@@ -77,9 +76,7 @@ def _without_seconds(histories):
 
 
 def test_ddp_recipe_on_two_cpu_processes(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     for a, b in zip(rank0["params"], rank1["params"]):

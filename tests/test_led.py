@@ -1,6 +1,5 @@
 """fastkd.masked_pairwise_huber / led_cd_loss / led_id_loss (L2D's LED) against the official loops."""
 import os
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.multiprocessing as mp
 import fastkd
 from fastkd import reference
 from tests.conftest import assert_close_norm as assert_close
+from tests.conftest import free_port
 
 REDUCTIONS = ["official", "sum", "mean", "none"]
 # ((G, N, Ds, Dt), mask density): every density (empty, one member per group, random, full) on a small
@@ -194,9 +194,7 @@ def test_ddp_cd_equals_one_process_on_the_global_batch(backend, tmp_path):
     gen = torch.Generator().manual_seed(3)
     student, teacher = torch.randn(6, 5, 8, generator=gen), torch.randn(6, 5, 12, generator=gen)
     targets = torch.rand(6, 5, generator=gen) < 0.5
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     mp.spawn(_ddp_worker, args=(world, port, backend, (student, teacher, targets), str(tmp_path)), nprocs=world)
     whole = student.clone().requires_grad_()
     single = fastkd.led_cd_loss(whole, teacher, targets)
