@@ -47,6 +47,9 @@ def test_cli_runs_the_ablation_and_writes_the_report(tmp_path, capsys, monkeypat
     assert "| teacher |" in out and "| l2d |" in out
     report = json.loads((tmp_path / "results.json").read_text())
     assert set(report["histories"]) == {"teacher", "vanilla", "l2d"}
+    per_class = report["histories"]["l2d"][-1]["AP_per_class"]
+    known = [ap for ap in per_class if ap is not None]
+    assert len(per_class) == 10 and sum(known) / len(known) == pytest.approx(report["histories"]["l2d"][-1]["mAP"])
     assert (tmp_path / "results.png").exists() and (tmp_path / "results.md").exists()
     assert (tmp_path / "l2d" / "last.pt").exists()
 
@@ -88,6 +91,7 @@ def test_ddp_recipe_on_two_cpu_processes(tmp_path):
     assert engine.load_weights(student, str(tmp_path / "l2d"))
     single = l2d.evaluate(student.eval(), DigitCanvases("test", 37, cfg.canvas), cfg,
                           distributed.Context(0, 1, torch.device("cpu")))
+    assert rank0["scores"].pop("AP_per_class") == pytest.approx(single.pop("AP_per_class"), rel=1e-6)
     assert rank0["scores"] == pytest.approx(single, rel=1e-6)
     assert json.loads((tmp_path / "results.json").read_text())["histories"]["l2d"][0]["epoch"] == 1
 

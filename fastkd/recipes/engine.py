@@ -86,7 +86,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dat
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
             line = f"{name} epoch {epoch + 1}/{epochs}: ".lstrip() + ", ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "epoch")
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                if k != "epoch" and isinstance(v, (int, float)))  # scalars only: lists stay in metrics.jsonl
             print(line, flush=True)
             with open(os.path.join(run_dir, "train.log"), "a") as f:
                 f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")

@@ -155,7 +155,8 @@ def make_step(method: str, cfg: L2DConfig, teacher: Optional[torch.nn.Module], d
 
 
 def evaluate(model, dataset, cfg: L2DConfig, ctx: distributed.Context) -> Dict[str, float]:
-    """mAP, OF1, CF1 (both conventions) over `dataset`, each rank scoring its own shard, gathered."""
+    """mAP, per-class AP (None for a class without positives), OF1 and CF1 (both conventions) over `dataset`,
+    each rank scoring its own shard, gathered."""
     shard = torch.utils.data.Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
     scores, targets = [], []
     for images, labels in torch.utils.data.DataLoader(shard, batch_size=256, num_workers=_workers(cfg)):
@@ -166,7 +167,8 @@ def evaluate(model, dataset, cfg: L2DConfig, ctx: distributed.Context) -> Dict[s
     scores = distributed.gather_rows(torch.cat(scores), ctx).cpu()
     targets = distributed.gather_rows(torch.cat(targets), ctx).cpu()
     m_ap, skipped = metrics.mean_average_precision(scores, targets)
-    result = {"mAP": 100 * m_ap, "classes_without_positives": skipped}
+    per_class = [None if ap != ap else 100 * ap for ap in metrics.average_precision(scores, targets).tolist()]
+    result = {"mAP": 100 * m_ap, "classes_without_positives": skipped, "AP_per_class": per_class}
     result.update({k: 100 * v for k, v in metrics.threshold_scores(scores, targets).items()
                    if k in ("OF1", "CF1", "CF1_mean")})
     return result
