@@ -99,7 +99,7 @@ def test_ddp_recipe_on_two_cpu_processes(tmp_path):
 def _write_image_list(root, split, n, classes=3):
     gen = torch.Generator().manual_seed(len(split))
     labels = (torch.rand(n, classes, generator=gen) < 0.5).int()
-    labels[:, 0] = 1 - labels[:, 1]  # every class occurs, and most rows have a positive
+    labels[:, 0] = 1 - labels[:, 1]  # every row has a positive (class 0 or 1)
     rows = []
     for i, row in enumerate(labels.tolist()):
         path = root / "images" / f"{split}{i}.png"
