@@ -36,7 +36,11 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor):
     """(mAP over classes with positives, number of classes skipped because they have none)."""
-    ap = average_precision(scores, targets)
+    return mean_over_classes_with_positives(average_precision(scores, targets))
+
+
+def mean_over_classes_with_positives(ap: torch.Tensor):
+    """(mean of the per-class AP (C,) over its non-NaN entries, number of NaN entries skipped)."""
     valid = ~ap.isnan()
     return (ap[valid].mean().item() if valid.any() else float("nan")), int((~valid).sum())
 

@@ -166,8 +166,9 @@ def evaluate(model, dataset, cfg: L2DConfig, ctx: distributed.Context) -> Dict[s
         targets.append(labels.to(ctx.device))
     scores = distributed.gather_rows(torch.cat(scores), ctx).cpu()
     targets = distributed.gather_rows(torch.cat(targets), ctx).cpu()
-    m_ap, skipped = metrics.mean_average_precision(scores, targets)
-    per_class = [None if ap != ap else 100 * ap for ap in metrics.average_precision(scores, targets).tolist()]
+    per_class_ap = metrics.average_precision(scores, targets)
+    m_ap, skipped = metrics.mean_over_classes_with_positives(per_class_ap)
+    per_class = [None if ap != ap else 100 * ap for ap in per_class_ap.tolist()]
     result = {"mAP": 100 * m_ap, "classes_without_positives": skipped, "AP_per_class": per_class}
     result.update({k: 100 * v for k, v in metrics.threshold_scores(scores, targets).items()
                    if k in ("OF1", "CF1", "CF1_mean")})
