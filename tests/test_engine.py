@@ -44,7 +44,7 @@ def test_an_interrupted_run_resumes_without_losing_finished_epochs(tmp_path):
         _fit(tmp_path / "killed", 4, ctx, fail_at_epoch=2)
     except KeyboardInterrupt:
         pass
-    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["epoch"] == 2
+    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["epoch"] == 2
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path / "killed"))
     resumed, history = _fit(tmp_path / "killed", 4, ctx)
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
@@ -72,4 +72,4 @@ def test_ddp_on_cpu_keeps_ranks_in_sync(tmp_path):
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     torch.testing.assert_close(rank0["weight"], rank1["weight"])
     assert rank0["gathered"].flatten().tolist() == [0, 1, 0, 1, 2]  # variable lengths, no duplicates
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 2
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2

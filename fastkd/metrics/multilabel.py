@@ -10,6 +10,8 @@ Conventions (they differ between public repositories, so every choice is named):
   no positive, like sklearn's zero_division=0). Two CF1 conventions:
   CF1 = 2 CP CR / (CP + CR) (the ML-GCN lineage) and CF1_mean = mean over classes of per-class F1
   (ASL / ML-Decoder).
+- Scores that are not finite (a diverged model) make every metric they enter NaN: the class's AP, and the
+  threshold scores; never a number that looks like a result.
 L2D's own evaluation keeps each image's top-k predictions with k its number of true labels (an oracle);
 it is not offered as a default.
 """
@@ -31,22 +33,26 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     gained = torch.where(last_of_tie, tp - previous, 0)
     positives = targets.sum(0)
     ap = (gained * tp / predicted).sum(0) / positives
-    return torch.where(positives > 0, ap, float("nan"))
+    return torch.where((positives > 0) & scores.isfinite().all(0), ap, float("nan"))
 
 
 def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor):
     """(mAP over classes with positives, number of classes skipped because they have none)."""
-    return mean_over_classes_with_positives(average_precision(scores, targets))
+    return mean_over_classes_with_positives(average_precision(scores, targets), targets)
 
 
-def mean_over_classes_with_positives(ap: torch.Tensor):
-    """(mean of the per-class AP (C,) over its non-NaN entries, number of NaN entries skipped)."""
-    valid = ~ap.isnan()
+def mean_over_classes_with_positives(ap: torch.Tensor, targets: torch.Tensor):
+    """(mean of the per-class AP (C,) over the classes with a positive in targets (N, C), number of classes
+    skipped for having none). A NaN AP of a class with positives (non-finite scores) makes the mean NaN."""
+    valid = targets.sum(0) > 0
     return (ap[valid].mean().item() if valid.any() else float("nan")), int((~valid).sum())
 
 
 def threshold_scores(probabilities: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5) -> dict:
-    """OP, OR, OF1, CP, CR, CF1 (ML-GCN: from CP and CR) and CF1_mean (mean per-class F1) at `threshold`."""
+    """OP, OR, OF1, CP, CR, CF1 (ML-GCN: from CP and CR) and CF1_mean (mean per-class F1) at `threshold`;
+    all NaN if any probability is not finite."""
+    if not probabilities.isfinite().all():
+        return dict.fromkeys(("OP", "OR", "OF1", "CP", "CR", "CF1", "CF1_mean"), float("nan"))
     predicted = probabilities >= threshold
     truth = targets.bool()
     tp = (predicted & truth).sum(0).double()

@@ -1,6 +1,6 @@
 """Backbones returning feature maps (B, C, h, w): small CNNs fit for a CPU, and torchvision networks
 (random init, or weights from a local file: never a hub download)."""
-from typing import Optional, Tuple
+from typing import Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -23,9 +23,19 @@ def small_cnn(in_channels: int = 1, widths=(32, 64, 128), convs_per_stage: int =
     return nn.Sequential(*layers)
 
 
-def build_backbone(name: str, in_channels: int = 3, weights: Optional[str] = None) -> Tuple[nn.Module, int]:
+def check_backbone_name(name: str) -> None:
+    """ValueError unless `name` is a TORCHVISION key or "cnn-W1-W2-..." with positive integer widths."""
+    widths = name.split("-")[1:] if name.startswith("cnn-") else None
+    if name in TORCHVISION or (widths and all(w.isdigit() and int(w) > 0 for w in widths)):
+        return
+    raise ValueError(f"backbone must be one of {sorted(TORCHVISION)} or 'cnn-W1-W2-...', got {name!r}")
+
+
+def build_backbone(name: str, in_channels: int = 3,
+                   weights: Optional[Union[str, Mapping]] = None) -> Tuple[nn.Module, int]:
     """(backbone, output channels). `name`: a TORCHVISION key, or "cnn-W1-W2-..." for small_cnn with those
-    widths (e.g. "cnn-8-16"). `weights`: path of a state_dict for the backbone."""
+    widths (e.g. "cnn-8-16"). `weights`: a state_dict for the backbone, or the path of one (weights_only load)."""
+    check_backbone_name(name)
     if name.startswith("cnn-"):
         widths = tuple(int(w) for w in name.split("-")[1:])
         backbone, channels = small_cnn(in_channels, widths), widths[-1]
@@ -42,8 +52,8 @@ def build_backbone(name: str, in_channels: int = 3, weights: Optional[str] = Non
                 backbone[0][0] = replacement
             else:
                 backbone[0] = replacement
-    else:
-        raise ValueError(f"backbone must be one of {sorted(TORCHVISION)} or 'cnn-W1-W2-...', got {name!r}")
+    if isinstance(weights, str):
+        weights = torch.load(weights, map_location="cpu", weights_only=True)
     if weights is not None:
-        backbone.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        backbone.load_state_dict(weights)
     return backbone, channels

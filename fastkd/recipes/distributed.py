@@ -1,4 +1,5 @@
 """Process-group setup for `torchrun` and the few collectives the recipes need."""
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -21,9 +22,10 @@ class Context:
         return self.world_size > 1
 
 
-def init(device: str = "auto") -> Context:
+def init(device: str = "auto", timeout_s: float = 600.0) -> Context:
     """One process, or the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK): NCCL on GPUs,
-    gloo on CPUs. device: "auto" (CUDA if available), "cpu" or "cuda"."""
+    gloo on CPUs. device: "auto" (CUDA if available), "cpu" or "cuda". timeout_s: how long a collective waits
+    for a rank that stopped before the run fails (torch's default is 30 minutes)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
@@ -31,7 +33,7 @@ def init(device: str = "auto") -> Context:
     if use_cuda:
         torch.cuda.set_device(target)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return Context(rank, world_size, target)
 
 
@@ -61,3 +63,41 @@ def gather_rows(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
     dist.all_gather(parts, padded)
     return torch.cat([part[:int(size)] for part, size in zip(parts, sizes)])
+
+
+def sync_buffers(model: torch.nn.Module, ctx: Context) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics drift apart, each rank normalising its own
+    batches), so that evaluation on any rank and the checkpoint describe one model."""
+    if ctx.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def gather_objects(obj, ctx: Context) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects, e.g. random states)."""
+    if not ctx.distributed:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def to_device(batch, device: torch.device):
+    """A batch of any nesting of tensors, lists, tuples and dicts, with every tensor moved to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(v, device) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch
+
+
+def broadcast_object(obj, ctx: Context):
+    """Rank 0's `obj` on every rank (e.g. an error raised on rank 0 only, so that every rank stops)."""
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -5,9 +5,8 @@ Student loss (official form): BCE_sum(z_s, y) + lambda_mld * MLD(z_s, z_t)
                               + lambda_cd * CD(e_s, e_t, y) + lambda_id * ID(e_s, e_t, y)
 with the teacher frozen (eval mode, no gradient) and its outputs cast to float32, as the official recipe.
 """
-import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -16,8 +15,11 @@ import torch.nn.functional as F
 import fastkd
 from fastkd import metrics, reference
 from fastkd.data import CanvasConfig, DigitCanvases, open_dataset
-from fastkd.models import LabelWiseEmbeddingHead, MultiLabelNet, build_backbone
-from fastkd.recipes import distributed, engine
+from fastkd.models import LabelWiseEmbeddingHead, MultiLabelNet, build_backbone, check_backbone_name
+from fastkd.recipes import config, distributed, engine, recipe, report
+from fastkd.recipes.config import ConfigError, option, results_fields
+from fastkd.recipes.recipe import RunConfig, autocast
+from fastkd.recipes.schedules import lr_schedule
 
 METHODS = {  # method -> which distillation terms it uses (MLD, CD, ID)
     "vanilla": (False, False, False),
@@ -26,49 +28,74 @@ METHODS = {  # method -> which distillation terms it uses (MLD, CD, ID)
     "mld+id": (True, False, True),
     "l2d": (True, True, True),
 }
+REAL_SPLITS = {"voc2007": ("trainval", "test"), "coco2014": ("train", "val"), "image-list": ("train", "test")}
 
 
 @dataclass
-class L2DConfig:
-    out_dir: str = "runs/l2d"
-    seed: int = 0
-    device: str = "auto"
-    amp: Optional[str] = None            # None, "bf16" or "fp16" (GPU autocast)
-    dataset: str = "digits"              # built-in canvases, or a real dataset under data_root (REAL_SPLITS)
-    data_root: Optional[str] = None
-    image_size: int = 224                # real datasets only
-    num_workers: int = 4                 # real datasets only: image decoding processes per rank
-    canvas: CanvasConfig = field(default_factory=CanvasConfig)
-    train_samples: int = 2000            # built-in canvases only
-    test_samples: int = 1000
-    teacher_backbone: str = "cnn-16-32-64"
-    student_backbone: str = "cnn-8-16-32"
-    teacher_backbone_weights: Optional[str] = None   # local state_dict files of the backbones (e.g. ImageNet)
-    student_backbone_weights: Optional[str] = None
-    teacher_checkpoint: Optional[str] = None         # a trained teacher (a run's last.pt or a state_dict): no training
-    embed_dim: int = 64
-    heads: int = 4
-    ffn_dim: int = 128
-    teacher_epochs: int = 12             # the teacher trains longer: a strong teacher, students on a budget
-    student_epochs: int = 6
-    batch_size: int = 32
-    lr: float = 2e-3                     # peak learning rate
-    lr_schedule: str = "onecycle"        # "onecycle" (per step, 20% warm-up, as ML-Decoder/ASL) or "constant"
-    # official weights are 10 / 100 / 1000. MLD: 64 gained most of 10 / 64 / 320 (seed 0; with batchmean and
-    # batch 32, MLD's logit gradient then weighs twice BCE's). LED: the official weights collapse a small
-    # randomly initialised student (shared/design/observations.md): scaled down, on after a warm-up.
-    lambda_mld: float = 64.0
-    mld_temperature: float = 1.0         # official: 1; T > 1 softens both sides, the loss is scaled by T^2
-    lambda_cd: float = 3.0
-    lambda_id: float = 30.0
-    led_warmup_epochs: int = 2
-    mean_floor: float = 0.0
-    loss_impl: str = "fastkd"            # "fastkd" ops or the plain "reference" formulas
-    methods: Tuple[str, ...] = tuple(METHODS)
-    resume: bool = True
+class L2DConfig(RunConfig):
+    out_dir: str = option("runs/l2d", "where runs, checkpoints, metrics, table and plot go", affects_results=False)
+    dataset: str = option("digits", "digits (built in) or a real dataset under --data-root",
+                          choices=("digits", *REAL_SPLITS))
+    data_root: Optional[str] = option(None, "voc2007: the folder holding VOCdevkit; coco2014: the folder holding "
+                                      "annotations/ and train2014/ val2014/; image-list: the folder holding "
+                                      "train.txt and test.txt", affects_results=False)
+    image_size: int = option(224, "real datasets: square input side", check=">=8")
+    canvas: CanvasConfig = option(CanvasConfig(), "built-in canvases")
+    train_samples: int = option(2000, "built-in canvases for training", check=">=1")
+    test_samples: int = option(1000, "built-in canvases for testing", check=">=1")
+    teacher_backbone: str = option("cnn-16-32-64", "cnn-W1-W2-..., resnet18/34/50/101 or mobilenet_v2")
+    student_backbone: str = option("cnn-8-16-32", "as --teacher-backbone")
+    teacher_backbone_weights: Optional[str] = option(None, "local state_dict file for the teacher's backbone")
+    student_backbone_weights: Optional[str] = option(None, "local state_dict file for the students' backbone")
+    teacher_checkpoint: Optional[str] = option(None, "use this trained teacher (a last.pt or a state_dict) "
+                                               "instead of training one")
+    embed_dim: int = option(64, "label-wise embedding size of the ML-Decoder-style head", check=">=1")
+    heads: int = option(4, "attention heads of the head (must divide --embed-dim)", check=">=1")
+    ffn_dim: int = option(128, "feed-forward width of the head", check=">=1")
+    teacher_epochs: int = option(12, "the teacher trains longer: a strong teacher, students on a budget",
+                                 check=">=1")
+    student_epochs: int = option(6, "epochs of each student", check=">=1")
+    lr: float = option(2e-3, "peak learning rate (Adam)", check=">0")
+    lr_schedule: str = option("onecycle", "onecycle (per step, 20% warm-up, as ML-Decoder/ASL) or constant",
+                              choices=("onecycle", "constant"))
+    # official weights are 10 / 100 / 1000 (preset "official-weights"). MLD: 64 gained most of 10 / 64 / 320
+    # (seed 0; with batchmean and batch 32, MLD's logit gradient then weighs twice BCE's). LED: the official
+    # weights collapse a small randomly initialised student (shared/design/observations.md): scaled down, on
+    # after a warm-up.
+    lambda_mld: float = option(64.0, "weight of MLD (official: 10)", check=">=0")
+    mld_temperature: float = option(1.0, "MLD temperature (1 = official; the loss is scaled by T^2)", check=">0")
+    lambda_cd: float = option(3.0, "weight of LED-CD (official: 100)", check=">=0")
+    lambda_id: float = option(30.0, "weight of LED-ID (official: 1000)", check=">=0")
+    led_warmup_epochs: int = option(2, "epochs before the LED terms switch on", check=">=0")
+    mean_floor: float = option(0.0, "floor on LED's normalising means (0 = official)", check=">=0")
+    loss_impl: str = option("fastkd", "fastkd ops or the plain reference formulas", choices=("fastkd", "reference"))
+    methods: Tuple[str, ...] = option(tuple(METHODS), "comma-separated students to train", choices=METHODS,
+                                      affects_results=False)
+
+    def check(self) -> None:
+        if self.dataset != "digits" and not (self.data_root and os.path.isdir(self.data_root)):
+            raise ConfigError(f"--dataset {self.dataset} needs --data-root, the directory holding it "
+                              f"(got {self.data_root!r})")
+        if self.embed_dim % self.heads:
+            raise ConfigError(f"--heads {self.heads} must divide --embed-dim {self.embed_dim}")
+        for name in ("teacher_backbone", "student_backbone"):
+            try:
+                check_backbone_name(getattr(self, name))
+            except ValueError as error:
+                raise ConfigError(f"--{name.replace('_', '-')}: {error}") from None
+        if not self.methods:
+            raise ConfigError("--methods: name at least one student")
 
 
-REAL_SPLITS = {"voc2007": ("trainval", "test"), "coco2014": ("train", "val"), "image-list": ("train", "test")}
+PRESETS = {
+    "default": {},
+    # the paper's loss weights, LED from the first step (they collapse the small built-in student: see README)
+    "official-weights": dict(lambda_mld=10.0, lambda_cd=100.0, lambda_id=1000.0, led_warmup_epochs=0),
+    # seconds on a CPU: tiny canvases and networks, one epoch each; to check that everything runs
+    "smoke": dict(canvas=dict(size=24, digit_sizes=(8, 12), max_digits=3), train_samples=128, test_samples=64,
+                  teacher_backbone="cnn-4-8", student_backbone="cnn-4", embed_dim=16, heads=2, ffn_dim=32,
+                  teacher_epochs=1, student_epochs=1, led_warmup_epochs=0),
+}
 
 
 def load_data(cfg: L2DConfig) -> dict:
@@ -87,12 +114,12 @@ def load_data(cfg: L2DConfig) -> dict:
 
 
 def build_model(backbone: str, cfg: L2DConfig, num_classes: int = 10, in_channels: int = 1,
-                weights: Optional[str] = None) -> MultiLabelNet:
+                weights: Optional[dict] = None) -> MultiLabelNet:
     net, channels = build_backbone(backbone, in_channels, weights)
     return MultiLabelNet(net, LabelWiseEmbeddingHead(channels, num_classes, cfg.embed_dim, cfg.heads, cfg.ffn_dim))
 
 
-def model_for(backbone: str, cfg: L2DConfig, dataset, weights: Optional[str] = None) -> MultiLabelNet:
+def model_for(backbone: str, cfg: L2DConfig, dataset, weights: Optional[dict] = None) -> MultiLabelNet:
     """build_model with the dataset's number of classes and image channels."""
     return build_model(backbone, cfg, dataset.num_classes, dataset.in_channels, weights)
 
@@ -116,11 +143,6 @@ def distillation_terms(cfg: L2DConfig, process_group=None):
             lambda s, t, y: fastkd.led_id_loss(s, t, y, **floor))
 
 
-def _autocast(cfg: L2DConfig, device: torch.device):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def _full_precision(*tensors):
     """Autocast outputs up to float32 before the losses, as the official recipe (float64 stays float64)."""
     return [x.to(torch.promote_types(x.dtype, torch.float32)) for x in tensors]
@@ -128,49 +150,48 @@ def _full_precision(*tensors):
 
 def make_step(method: str, cfg: L2DConfig, teacher: Optional[torch.nn.Module], device: torch.device,
               process_group=None):
+    """step(model, batch, epoch) -> {"bce": ..., "mld": ..., "cd": ..., "id": ...}: the weighted loss terms
+    `method` uses (LED's after its warm-up), summed by the engine."""
     use_mld, use_cd, use_id = METHODS[method]
     mld, cd, id_ = distillation_terms(cfg, process_group)
 
     def step(model, batch, epoch):
         images, targets = batch
-        with _autocast(cfg, device):
+        with autocast(cfg, device):
             logits, embeddings = model(images)
         logits, embeddings = _full_precision(logits, embeddings)
-        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
+        terms = {"bce": F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")}
         if teacher is None or not (use_mld or use_cd or use_id):
-            return loss
-        with torch.no_grad(), _autocast(cfg, device):
+            return terms
+        with torch.no_grad(), autocast(cfg, device):
             t_logits, t_embeddings = teacher(images)
         t_logits, t_embeddings = _full_precision(t_logits, t_embeddings)
         if use_mld:
-            loss = loss + cfg.lambda_mld * mld(logits, t_logits)
+            terms["mld"] = cfg.lambda_mld * mld(logits, t_logits)
         if epoch >= cfg.led_warmup_epochs:
             if use_cd:
-                loss = loss + cfg.lambda_cd * cd(embeddings, t_embeddings, targets)
+                terms["cd"] = cfg.lambda_cd * cd(embeddings, t_embeddings, targets)
             if use_id:
-                loss = loss + cfg.lambda_id * id_(embeddings, t_embeddings, targets)
-        return loss
+                terms["id"] = cfg.lambda_id * id_(embeddings, t_embeddings, targets)
+        return terms
 
     return step
 
 
 def evaluate(model, dataset, cfg: L2DConfig, ctx: distributed.Context) -> Dict[str, float]:
     """mAP, per-class AP (None for a class without positives), OF1 and CF1 (both conventions) over `dataset`,
-    each rank scoring its own shard, gathered."""
-    shard = torch.utils.data.Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
-    scores, targets = [], []
-    for images, labels in torch.utils.data.DataLoader(shard, batch_size=256, num_workers=_workers(cfg)):
-        with _autocast(cfg, ctx.device):
-            logits, _ = model(images.to(ctx.device))
-        scores.append(torch.sigmoid(logits.float()))
-        targets.append(labels.to(ctx.device))
-    scores = distributed.gather_rows(torch.cat(scores), ctx).cpu()
-    targets = distributed.gather_rows(torch.cat(targets), ctx).cpu()
-    per_class_ap = metrics.average_precision(scores, targets)
-    m_ap, skipped = metrics.mean_over_classes_with_positives(per_class_ap)
+    each rank scoring its own shard, gathered. Non-finite scores give NaN metrics."""
+    def scores(model, images):
+        with autocast(cfg, ctx.device):
+            logits, _ = model(images)
+        return torch.sigmoid(logits.float())
+
+    probabilities, targets = recipe.predict(model, dataset, ctx, scores, num_workers=_workers(cfg))
+    per_class_ap = metrics.average_precision(probabilities, targets)
+    m_ap, skipped = metrics.mean_over_classes_with_positives(per_class_ap, targets)
     per_class = [None if ap != ap else 100 * ap for ap in per_class_ap.tolist()]
     result = {"mAP": 100 * m_ap, "classes_without_positives": skipped, "AP_per_class": per_class}
-    result.update({k: 100 * v for k, v in metrics.threshold_scores(scores, targets).items()
+    result.update({k: 100 * v for k, v in metrics.threshold_scores(probabilities, targets).items()
                    if k in ("OF1", "CF1", "CF1_mean")})
     return result
 
@@ -182,119 +203,57 @@ def _workers(cfg: L2DConfig) -> int:
 def train_model(name: str, backbone: str, epochs: int, cfg: L2DConfig, data, ctx, teacher=None,
                 weights: Optional[str] = None):
     torch.manual_seed(cfg.seed)
-    model = model_for(backbone, cfg, data["train"], weights).to(ctx.device)
+    role = "teacher" if teacher is None else "student"  # every student is given the teacher, vanilla too
+    state = recipe.load_state_dict(weights, f"--{role}-backbone-weights") if weights else None
+    model = model_for(backbone, cfg, data["train"], state).to(ctx.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scheduler = None
-    if cfg.lr_schedule == "onecycle":
-        steps = engine.steps_per_epoch(len(data["train"]), cfg.batch_size, ctx)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=max(epochs * steps, 1),
-                                                        pct_start=0.2)
-    elif cfg.lr_schedule != "constant":
-        raise ValueError(f"lr_schedule must be 'onecycle' or 'constant', got {cfg.lr_schedule!r}")
-    scaler = torch.amp.GradScaler(ctx.device.type) if cfg.amp == "fp16" else None
+    steps = engine.steps_per_epoch(len(data["train"]), cfg.batch_size, ctx, cfg.accumulate_steps)
+    scheduler = lr_schedule(cfg.lr_schedule, optimizer, epochs * steps, peak_lr=cfg.lr)
     method = "vanilla" if teacher is None else name
-    history = engine.train(model, optimizer, data["train"], epochs=epochs, batch_size=cfg.batch_size,
+    history = engine.train(model, optimizer, data["train"], epochs=epochs,
                            step=make_step(method, cfg, teacher, ctx.device, distributed.group(ctx)),
-                           scheduler=scheduler, scaler=scaler,
+                           scheduler=scheduler, scaler=recipe.grad_scaler(cfg, ctx.device),
                            evaluate=lambda m: evaluate(m, data["test"], cfg, ctx),
-                           run_dir=os.path.join(cfg.out_dir, name), ctx=ctx, seed=cfg.seed, resume=cfg.resume,
-                           name=name, num_workers=_workers(cfg))
+                           run_dir=os.path.join(cfg.out_dir, name), ctx=ctx, name=name, num_workers=_workers(cfg),
+                           config=results_fields(cfg), **recipe.loop_options(cfg))
     return model, history
 
 
 def run(cfg: L2DConfig) -> dict:
     """Train the teacher and every student in cfg.methods; return {name: history} and write
     out_dir/results.json, out_dir/results.md (the table) and out_dir/results.png (curves and bars)."""
-    ctx = distributed.init(cfg.device)
-    data = load_data(cfg)
-    if cfg.teacher_checkpoint:
-        teacher = model_for(cfg.teacher_backbone, cfg, data["train"]).to(ctx.device)
-        state = torch.load(cfg.teacher_checkpoint, map_location=ctx.device, weights_only=False)
-        teacher.load_state_dict(state.get("model", state))
-        teacher_history = [{"epoch": 0, **evaluate(teacher.eval(), data["test"], cfg, ctx)}]
-    else:
-        teacher, teacher_history = train_model("teacher", cfg.teacher_backbone, cfg.teacher_epochs, cfg, data, ctx,
-                                               weights=cfg.teacher_backbone_weights)
-    teacher.eval().requires_grad_(False)
-    histories = {"teacher": teacher_history}
-    for method in cfg.methods:
-        _, histories[method] = train_model(method, cfg.student_backbone, cfg.student_epochs, cfg, data, ctx,
-                                           teacher=teacher, weights=cfg.student_backbone_weights)
-    if ctx.is_main:
-        write_report(cfg, histories)
+    with recipe.session(cfg) as ctx:
+        data = load_data(cfg)
+        recipe.check_batches(cfg, len(data["train"]), ctx)
+        if cfg.teacher_checkpoint:
+            teacher = model_for(cfg.teacher_backbone, cfg, data["train"]).to(ctx.device)
+            teacher.load_state_dict(recipe.load_state_dict(cfg.teacher_checkpoint, "--teacher-checkpoint"))
+            teacher_history = [{"epoch": 0, **evaluate(teacher.eval(), data["test"], cfg, ctx)}]
+        else:
+            teacher, teacher_history = train_model("teacher", cfg.teacher_backbone, cfg.teacher_epochs, cfg, data,
+                                                   ctx, weights=cfg.teacher_backbone_weights)
+        recipe.freeze(teacher)
+        histories = {"teacher": teacher_history}
+        for method in cfg.methods:
+            _, histories[method] = train_model(method, cfg.student_backbone, cfg.student_epochs, cfg, data, ctx,
+                                               teacher=teacher, weights=cfg.student_backbone_weights)
+        if ctx.is_main:
+            report.write(cfg.out_dir, config.to_dict(cfg), histories, results_table(histories), "mAP")
     return histories
 
 
+COLUMNS = {"mAP": "mAP", "OF1": "OF1", "CF1": "CF1", "CF1_mean": "CF1 (mean of per-class F1)"}
+
+
 def results_table(histories: dict) -> str:
-    vanilla = histories.get("vanilla", [{}])[-1].get("mAP")
-    teacher = histories["teacher"][-1]["mAP"]
-    lines = ["| model | mAP | OF1 | CF1 | CF1 (mean of per-class F1) | gap to teacher closed |",
-             "|---|---|---|---|---|---|"]
-    for name, history in histories.items():
-        last = history[-1]
-        closed = ("-" if name in ("teacher", "vanilla") or vanilla is None or teacher == vanilla
-                  else f"{100 * (last['mAP'] - vanilla) / (teacher - vanilla):.0f}%")
-        lines.append(f"| {name} | {last['mAP']:.1f} | {last['OF1']:.1f} | {last['CF1']:.1f} | "
-                     f"{last['CF1_mean']:.1f} | {closed} |")
-    return "\n".join(lines)
-
-
-def summarize(run_dirs) -> str:
-    """Mean and spread over several runs (e.g. seeds) of their results.json: final test mAP per model, and the
-    share of the teacher-vanilla gap each student closes, averaged over runs."""
-    finals = []
-    for run_dir in run_dirs:
-        with open(os.path.join(run_dir, "results.json")) as f:
-            finals.append({name: history[-1]["mAP"] for name, history in json.load(f)["histories"].items()})
-        if finals[-1].keys() != finals[0].keys():
-            raise ValueError(f"{run_dir} has models {sorted(finals[-1])}, {run_dirs[0]} has {sorted(finals[0])}: "
-                             f"summarize runs of the same methods")
-    lines = [f"| model | mAP, mean ± std over {len(finals)} runs | per run | gap to teacher closed, mean |",
-             "|---|---|---|---|"]
-    for name in finals[0]:
-        values = torch.tensor([final[name] for final in finals], dtype=torch.float64)
-        closed = "-"
-        if name not in ("teacher", "vanilla") and "vanilla" in finals[0]:
-            shares = [(f[name] - f["vanilla"]) / (f["teacher"] - f["vanilla"]) for f in finals]
-            closed = f"{100 * sum(shares) / len(shares):.0f}%"
-        spread = values.std().item() if len(values) > 1 else 0.0
-        lines.append(f"| {name} | {values.mean():.1f} ± {spread:.1f} | {' / '.join(f'{v:.1f}' for v in values)} | "
-                     f"{closed} |")
-    return "\n".join(lines)
-
-
-def write_report(cfg: L2DConfig, histories: dict) -> None:
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    table = results_table(histories)
-    with open(os.path.join(cfg.out_dir, "results.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
-        json.dump({"config": asdict(cfg), "histories": histories}, f, indent=1)
-    plot(histories, os.path.join(cfg.out_dir, "results.png"))
-
-
-def plot(histories: dict, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # the plot is optional; the table and JSON are always written
-        return
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, history in histories.items():
-        curves.plot([h["epoch"] for h in history], [h["mAP"] for h in history], marker="o", label=name)
-    curves.set(xlabel="epoch", ylabel="test mAP (%)", title="test mAP per epoch")
-    curves.legend()
-    names = list(histories)
-    bars.bar(names, [histories[n][-1]["mAP"] for n in names], color="tab:blue")
-    low = min(histories[n][-1]["mAP"] for n in names)
-    bars.set(ylim=(max(0, low - 5), 100), ylabel="final test mAP (%)", title="final comparison")
-    bars.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return report.results_table(histories, COLUMNS, "mAP")
 
 
 def config_with(**overrides) -> L2DConfig:
     """L2DConfig with top-level overrides (None values ignored)."""
     return replace(L2DConfig(), **{k: v for k, v in overrides.items() if v is not None})
+
+
+RECIPE = recipe.Recipe(name="l2d", help="L2D multi-label distillation (built-in digit canvases by default)",
+                       config=L2DConfig, run=run, table=results_table, metric="mAP",
+                       title="L2D ablation on the {dataset} test set", presets=PRESETS)
