@@ -57,7 +57,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "numpy"],
     extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn"],
-                    "train": ["scikit-learn", "tqdm", "matplotlib", "pillow"],  # canvases, progress, plots, images
+                    # canvases, progress, plots, images, YAML configs, TensorBoard scalars
+                    "train": ["scikit-learn", "tqdm", "matplotlib", "pillow", "pyyaml", "tensorboard"],
                     "coco": ["pycocotools"]},  # COCO2014 annotations
     entry_points={"console_scripts": ["fastkd-train = fastkd.recipes.cli:main"]},
     ext_modules=[extension()],

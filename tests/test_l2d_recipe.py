@@ -177,3 +177,49 @@ def test_a_killed_ablation_resumes_where_it_stopped(tmp_path, monkeypatch):
     straight, resumed = (json.loads((tmp_path / d / "results.json").read_text())["histories"]
                          for d in ("straight", "killed"))
     assert _without_seconds(resumed) == _without_seconds(straight)
+
+
+class _RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_teacher_checkpoint_is_refused_without_running_its_code(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    torch.save({"model": {}, "payload": _RunsACommand(marker)}, tmp_path / "teacher.pt")
+    with pytest.raises(SystemExit):
+        cli.main(["l2d", "--preset", "smoke", "--out-dir", str(tmp_path / "run"), "--teacher-checkpoint",
+                  str(tmp_path / "teacher.pt"), "--methods", "vanilla"])
+    err = capsys.readouterr().err
+    assert "teacher.pt holds Python objects" in err and "--teacher-checkpoint" in err and not marker.exists()
+
+
+def test_a_corrupt_checkpoint_in_the_out_dir_names_the_file_and_the_way_out(tmp_path, capsys):
+    common = ["l2d", "--preset", "smoke", "--out-dir", str(tmp_path), "--methods", "vanilla"]
+    cli.main(common)
+    checkpoint = tmp_path / "vanilla" / "last.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(common)
+    err = capsys.readouterr().err
+    assert str(checkpoint) in err and "--no-resume" in err and len(err.splitlines()) == 1
+    cli.main(common + ["--no-resume"])  # the way out works
+
+
+def test_summary_when_the_gap_is_undefined(tmp_path, capsys):
+    runs = {"tie": (70.0, 70.0, 72.0), "teacher below vanilla": (60.0, 70.0, 65.0), "normal": (80.0, 70.0, 75.0)}
+    for run, (teacher, vanilla, student) in runs.items():
+        (tmp_path / run).mkdir()
+        histories = {"teacher": [{"mAP": teacher}], "vanilla": [{"mAP": vanilla}], "l2d": [{"mAP": student}]}
+        (tmp_path / run / "results.json").write_text(json.dumps({"histories": histories}))
+    cli.main(["l2d-summary", str(tmp_path / "tie"), str(tmp_path / "teacher below vanilla")])
+    assert "| l2d | 68.5 ± 4.9 | 72.0 / 65.0 | - |" in capsys.readouterr().out  # no division by zero, no 130%
+    cli.main(["l2d-summary", *(str(tmp_path / run) for run in runs)])
+    assert "| 50% (1 of 3 runs; the others' teacher is not ahead) |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["l2d-summary", str(tmp_path / "absent")])
+    assert "absent/results.json: no such file" in capsys.readouterr().err

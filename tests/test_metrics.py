@@ -49,3 +49,24 @@ def test_threshold_scores_match_sklearn():
                              ("CF1_mean", "macro", sklearn_metrics.f1_score)]:
         assert got[key] == pytest.approx(fn(y, p, average=average, zero_division=0), abs=1e-12), key
     assert got["CF1"] == pytest.approx(2 * got["CP"] * got["CR"] / (got["CP"] + got["CR"]))
+
+
+def test_nonfinite_scores_give_nan_metrics_not_numbers():
+    torch.manual_seed(0)
+    targets = (torch.rand(20, 4) < 0.4).float()
+    targets[0] = 1
+    scores = torch.full((20, 4), float("nan"))
+    ap = metrics.average_precision(scores, targets)
+    assert ap.isnan().all()
+    m_ap, skipped = metrics.mean_average_precision(scores, targets)
+    assert m_ap != m_ap and skipped == 0
+    assert all(v != v for v in metrics.threshold_scores(scores, targets).values())
+    partly = torch.rand(20, 4)
+    partly[3, 2] = float("inf")
+    ap = metrics.average_precision(partly, targets)
+    assert ap[2].isnan() and not ap[[0, 1, 3]].isnan().any()
+    assert metrics.mean_average_precision(partly, targets)[0] != metrics.mean_average_precision(partly, targets)[0]
+    empty_class = targets.clone()
+    empty_class[:, 1] = 0
+    m_ap, skipped = metrics.mean_average_precision(torch.rand(20, 4), empty_class)  # no positives: skipped, not NaN
+    assert m_ap == m_ap and skipped == 1

@@ -30,7 +30,8 @@ def save_atomically(state: dict, path: str) -> None:
 def load_trusted(path: str, map_location=None, hint: str = "") -> dict:
     """torch.load with weights_only=True: tensors and plain containers load, anything that could run code on
     unpickling is refused. Missing, empty, truncated or corrupt files raise CheckpointError naming the file
-    (and `hint`: what the user can do instead)."""
+    (and `hint`: what the user can do instead). torch files carry no checksum: a flipped byte inside tensor
+    data loads as a wrong value; one in the archive's structure or the pickle is reported."""
     suffix = f" ({hint})" if hint else ""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file{suffix}")
@@ -41,9 +42,10 @@ def load_trusted(path: str, map_location=None, hint: str = "") -> dict:
             raise CheckpointError(
                 f"{path} holds Python objects beyond tensors and plain containers; fastkd refuses to unpickle "
                 f"them, since that can run arbitrary code. Re-save only its state_dict{suffix}") from None
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint (empty, truncated or corrupt: "
-                              f"{type(error).__name__}: {reason}){suffix}") from None
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        reason = type(error).__name__ + (f": {detail}" if detail else "")
+        raise CheckpointError(f"{path} is not a readable checkpoint (empty, truncated or corrupt: {reason})"
+                              f"{suffix}") from None
 
 
 @contextlib.contextmanager

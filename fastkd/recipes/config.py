@@ -128,7 +128,11 @@ def read_file(path: str) -> Dict[str, Any]:
     extension = os.path.splitext(path)[1].lower()
     try:
         if extension in (".yaml", ".yml"):
-            import yaml
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError("--config: YAML files need PyYAML (pip install pyyaml); TOML and JSON need "
+                                  "nothing") from None
             with open(path) as f:
                 data = yaml.safe_load(f) or {}
         elif extension == ".toml":
