@@ -278,6 +278,6 @@ def test_iteration_schedules():
         peaks.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         onecycle.step()
-    assert peaks[0] == pytest.approx(2.0 / 25) and max(peaks) == pytest.approx(2.0) == peaks[2]  # 20% rising
+    assert peaks[0] == pytest.approx(2.0 / 25) and max(peaks) == pytest.approx(2.0) and peaks[-1] < 0.01
     with pytest.raises(ValueError, match="schedule must be one of"):
         lr_schedule("cosine", optimizer, 10)
