@@ -274,7 +274,7 @@ def test_iteration_schedules():
     assert rates == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25])
     assert lr_schedule("constant", optimizer, 10) is None
     onecycle, peaks = lr_schedule("onecycle", optimizer, 10, peak_lr=2.0), []
-    for _ in range(9):
+    for _ in range(10):
         peaks.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         onecycle.step()
