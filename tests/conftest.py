@@ -87,3 +87,13 @@ def torchrun_environment(rank: int, world: int, port: int) -> None:
     """The variables torchrun sets, so that a spawned test process joins the group as torchrun's would."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+
+
+class RunsACommand:
+    """Unpickling this runs `touch marker`: what a crafted checkpoint would do, and what loading must refuse."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

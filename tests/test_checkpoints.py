@@ -8,14 +8,7 @@ import torch
 
 from fastkd.recipes import checkpoints, distributed, engine
 from fastkd.recipes.checkpoints import CheckpointError
-
-
-class _RunsACommand:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+from tests.conftest import RunsACommand
 
 
 def _a_checkpoint(path):
@@ -28,7 +21,7 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path, wher
     marker = tmp_path / "pwned"
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    torch.save({"model": {}, "payload": _RunsACommand(marker)}, run_dir / "last.pt")
+    torch.save({"model": {}, "payload": RunsACommand(marker)}, run_dir / "last.pt")
     model = torch.nn.Linear(2, 1)
     with pytest.raises(CheckpointError, match="refuses to unpickle"):
         if where == "resume":

@@ -11,7 +11,7 @@ from PIL import Image
 pytest.importorskip("sklearn")
 from fastkd.data import CanvasConfig, DigitCanvases  # noqa: E402
 from fastkd.recipes import cli, distributed, engine, l2d  # noqa: E402
-from tests.conftest import free_port, torchrun_environment  # noqa: E402
+from tests.conftest import RunsACommand, free_port, torchrun_environment  # noqa: E402
 
 TINY = dict(canvas=CanvasConfig(size=24, digit_sizes=(8, 12), max_digits=3), teacher_backbone="cnn-4-8",
             student_backbone="cnn-4", embed_dim=16, heads=2, ffn_dim=32, led_warmup_epochs=0)
@@ -179,17 +179,9 @@ def test_a_killed_ablation_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert _without_seconds(resumed) == _without_seconds(straight)
 
 
-class _RunsACommand:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_a_crafted_teacher_checkpoint_is_refused_without_running_its_code(tmp_path, capsys):
     marker = tmp_path / "pwned"
-    torch.save({"model": {}, "payload": _RunsACommand(marker)}, tmp_path / "teacher.pt")
+    torch.save({"model": {}, "payload": RunsACommand(marker)}, tmp_path / "teacher.pt")
     with pytest.raises(SystemExit):
         cli.main(["l2d", "--preset", "smoke", "--out-dir", str(tmp_path / "run"), "--teacher-checkpoint",
                   str(tmp_path / "teacher.pt"), "--methods", "vanilla"])

@@ -31,6 +31,7 @@ def test_priority_preset_then_file_then_flags(tmp_path):
                              {"lambda_cd": "7"})
         assert cfg.lambda_mld == 5.0 and cfg.canvas.size == 40 and cfg.canvas.max_digits == 3  # file over preset
         assert cfg.lambda_cd == 7.0 and cfg.teacher_backbone == "cnn-4-8" and cfg.methods == ("vanilla", "l2d")
+    assert config.resolve(l2d.L2DConfig, {"grad_clip": 0.5}, {"grad_clip": "none"}).grad_clip is None
 
 
 @pytest.mark.parametrize("layer, message", [

@@ -5,6 +5,7 @@ run's results (what a resume compares). One config resolves from, lowest priorit
 defaults, a named preset, a config file (YAML, TOML or JSON), then command-line flags.
 """
 import argparse
+import copy
 import dataclasses
 import difflib
 import json
@@ -26,7 +27,7 @@ def option(default: Any, help: str, *, choices: Optional[Iterable] = None, check
     metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "check": check,
                 "affects_results": affects_results}
     if dataclasses.is_dataclass(default):
-        return dataclasses.field(default_factory=lambda: default, metadata=metadata)
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -74,8 +75,9 @@ def _parse_scalar(kind, text: str, name: str):
 
 
 def _coerce(name: str, kind, default, value):
-    """A value from a file or the command line, converted to the field's type."""
-    if value is None:
+    """A value from a file or the command line, converted to the field's type ("none" clears an optional one)."""
+    optional = type(None) in typing.get_args(kind)
+    if value is None or (optional and isinstance(value, str) and value.lower() == "none"):
         return None
     scalar, is_tuple = _base_type(kind, default)
     if is_tuple:
