@@ -1,16 +1,16 @@
-"""CPU path of MLD: the fused C++ kernels of fastkd._C (csrc/cpu/binary_kl*.cpp: one pass, AVX2 + Sleef
-when the CPU has it, OpenMP threads, fixed-order sums). Same signatures as ``binary_kl_triton``."""
+"""CPU path of MLD: the fused C++ kernels of fastkd._C (csrc/cpu/binary_kl*.cpp: one pass, AVX2 + Sleef when the
+CPU has it, OpenMP threads, fixed-order sums), the CPU kernels of fastkd::binary_kl_div(_backward), called
+here straight at the CPU dispatch key (below autograd). Same signatures as ``binary_kl_triton``."""
 import torch
 
-from fastkd._extension import require_extension
+_CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+_FORWARD = torch.ops.fastkd.binary_kl_div.default
+_BACKWARD = torch.ops.fastkd.binary_kl_div_backward.default
 
 
 def binary_kl_div_forward(student, teacher, temperature: float, reduction: str):
-    require_extension()
-    return torch.ops.fastkd._binary_kl_div_cpu(student, teacher, temperature, reduction)
+    return _FORWARD.redispatch(_CPU, student, teacher, temperature, reduction)
 
 
 def binary_kl_div_backward(grad, student, teacher, temperature: float, reduction: str, teacher_grad: bool):
-    require_extension()
-    grads = torch.ops.fastkd._binary_kl_div_backward_cpu(grad, student, teacher, temperature, reduction, teacher_grad)
-    return grads[0], (grads[1] if teacher_grad else None)
+    return _BACKWARD.redispatch(_CPU, grad, student, teacher, temperature, reduction, teacher_grad)

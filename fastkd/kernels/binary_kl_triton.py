@@ -120,4 +120,4 @@ def binary_kl_div_backward(grad, student, teacher, temperature: float, reduction
         _mld_backward_kernel[(triton.cdiv(n, BLOCK),)](
             s, t, g, ds, dt, n, temperature, scale, BLOCK=BLOCK, ACC=compute_dtype(s.dtype),
             GRAD_IS_SCALAR=grad_is_scalar, TEACHER_GRAD=teacher_grad, num_warps=NUM_WARPS)
-    return ds, (dt if teacher_grad else None)
+    return [ds, dt] if teacher_grad else [ds]
