@@ -20,7 +20,7 @@ PASSES = ["forward", "forward+backward", "no_grad"]
 def mld(device):
     gen = torch.Generator().manual_seed(0)
     s, t = ((torch.randn(64, 80, generator=gen) * 3).to(device) for _ in range(2))
-    k = kernels("binary_kl", s)
+    k = kernels("binary_kl_div", s)
 
     def kernel_backward(loss):
         k.binary_kl_div_backward(torch.ones_like(loss), s, t, 1.0, "batchmean", False)
@@ -36,7 +36,7 @@ def tat(shape):
         gen = torch.Generator().manual_seed(0)
         q, k_, v, t = ((torch.randn(B, N, C, generator=gen) / (C ** 0.25 if i < 2 else 1)).to(device)
                        for i in range(4))
-        k = kernels("tat_attention", q)
+        k = kernels("tat_attention_loss", q)
         saved = {}
 
         def kernel(q, k_, v, t):
@@ -57,7 +57,7 @@ def led(device):
     gen = torch.Generator().manual_seed(0)
     s, t = (torch.randn(8, 20, 32, generator=gen).to(device) for _ in range(2))
     y = coco_like_targets(8, 20, mean_positives=2.9).to(device)
-    k = kernels("pairwise_huber", s)
+    k = kernels("masked_pairwise_huber", s)
     groups = [(s.transpose(0, 1), t.transpose(0, 1), y.T), (s, t, y)]
     saved = {}
 

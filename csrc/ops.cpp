@@ -19,7 +19,7 @@ std::string build_info() {
 
 TORCH_LIBRARY(fastkd, m) {
   m.def("_build_info() -> str", &fastkd::build_info);
-  // MLD: per-label binary KL (CPU: csrc/cpu/binary_kl.cpp; CUDA: fastkd/kernels/binary_kl_div_triton.py).
+  // MLD: per-label binary KL (CPU: csrc/cpu/binary_kl_div.cpp; CUDA: fastkd/kernels/binary_kl_div_triton.py).
   m.def("binary_kl_div(Tensor student, Tensor teacher, float temperature, str reduction) -> Tensor");
   m.def("binary_kl_div_backward(Tensor grad, Tensor student, Tensor teacher, float temperature, str reduction, "
         "bool teacher_grad) -> Tensor[]");

@@ -1,4 +1,4 @@
-"""CPU path of the TaT attention + MSE loss: the math of ``tat_attention_triton`` (same signatures) in batched
+"""CPU path of the TaT attention + MSE loss: the math of ``tat_attention_loss_triton`` (same signatures) in batched
 matmuls over all batch items at once, chunked over queries so that the (B, rows, M) logits of one chunk stay under
 CHUNK_ELEMENTS whatever the map size (no O(N * M) memory); a map that fits in one chunk (the papers' 7 x 7 maps)
 takes a dozen torch calls per direction. The backward recomputes P = exp(s q k^T - lse) per chunk (as the Triton

@@ -1,6 +1,6 @@
-"""CPU path of the masked pairwise Huber loss: the C++ kernels of fastkd._C (csrc/cpu/pairwise_huber.cpp: members
+"""CPU path of the masked pairwise Huber loss: the C++ kernels of fastkd._C (csrc/cpu/masked_pairwise_huber.cpp: members
 read from the mask, no packing, groups in parallel), the CPU kernels of fastkd::masked_pairwise_huber(_backward),
-called here straight at the CPU dispatch key (below autograd). Same signatures as ``pairwise_huber_triton``.
+called here straight at the CPU dispatch key (below autograd). Same signatures as ``masked_pairwise_huber_triton``.
 Over DDP every rank holds all the gathered rows and computes every pair, so `local` and `all_reduce` are unused."""
 import torch
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastkd
-import fastkd.kernels.tat_attention_cpu as tat_cpu
+import fastkd.kernels.tat_attention_loss_cpu as tat_cpu
 from fastkd import reference
 from tests.conftest import NORM_TOLERANCES, assert_close, assert_close_norm, assert_cuda_graph_replays
 

@@ -209,6 +209,6 @@ def test_ddp_cd_equals_one_process_on_the_global_batch(backend, tmp_path):
 
 
 @pytest.mark.skip(reason="not capturable on CUDA: LED reads its largest group size on the host to size the grid "
-                         "(the one sync listed in fastkd/ops/pairwise_huber.py)")
+                         "(the one sync listed in fastkd/ops/masked_pairwise_huber.py)")
 def test_cuda_graph_capture():
     pass

@@ -13,7 +13,7 @@ from fastkd._extension import EXTENSION_ERROR
 from fastkd.kernels.common import acc_dtype, loss_scale
 from fastkd.ops.registry import kernels, register
 
-FAMILY = "tat_attention"
+FAMILY = "tat_attention_loss"
 
 
 def _forward(k, query, key, value, target, scale, reduction, save_residual):

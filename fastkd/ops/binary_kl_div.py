@@ -5,7 +5,7 @@ import torch
 from fastkd._extension import EXTENSION_ERROR
 from fastkd.ops.registry import kernels, register
 
-FAMILY = "binary_kl"
+FAMILY = "binary_kl_div"
 
 
 def _fake(student, teacher, temperature, reduction):

@@ -50,7 +50,7 @@ def tat_attention_loss(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         raise ValueError(f"scale must be a finite real number, got {scale!r}")
     check_choice("reduction", reduction, REDUCTIONS)
     require_extension()
-    return ops.tat_attention.tat_attention_loss(query, key, value, target, float(scale), reduction)
+    return ops.tat_attention_loss.tat_attention_loss(query, key, value, target, float(scale), reduction)
 
 
 def _check_map(name: str, x) -> None:

@@ -32,4 +32,4 @@ def binary_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     temperature = check_positive_number("temperature", temperature)
     check_choice("reduction", reduction, REDUCTIONS)
     require_extension()
-    return ops.binary_kl.binary_kl_div(student_logits, teacher_logits, temperature, reduction)
+    return ops.binary_kl_div.binary_kl_div(student_logits, teacher_logits, temperature, reduction)

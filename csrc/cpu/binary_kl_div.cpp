@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "binary_kl.h"
+#include "binary_kl_div.h"
 
 namespace fastkd::cpu {
 namespace {

@@ -1,6 +1,6 @@
-"""CPU path of MLD: the fused C++ kernels of fastkd._C (csrc/cpu/binary_kl*.cpp: one pass, AVX2 + Sleef when the
+"""CPU path of MLD: the fused C++ kernels of fastkd._C (csrc/cpu/binary_kl_div*.cpp: one pass, AVX2 + Sleef when the
 CPU has it, OpenMP threads, fixed-order sums), the CPU kernels of fastkd::binary_kl_div(_backward), called
-here straight at the CPU dispatch key (below autograd). Same signatures as ``binary_kl_triton``."""
+here straight at the CPU dispatch key (below autograd). Same signatures as ``binary_kl_div_triton``."""
 import torch
 
 _CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)

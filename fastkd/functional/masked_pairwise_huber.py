@@ -29,7 +29,7 @@ def masked_pairwise_huber(student: torch.Tensor, teacher: torch.Tensor, mask: to
     mean makes the gradient huge (~1 / mean): `mean_floor` (e.g. 1e-2 of the embedding norm scale)
     bounds it; the default reproduces the official code.
     process_group: members (dim 1) are split across the ranks of this group (DDP); the loss is over the
-    global set of members (see fastkd.ops.pairwise_huber).
+    global set of members (see fastkd.ops.masked_pairwise_huber).
     Host syncs: one (the largest group size sizes the kernels' grid), two over DDP (the ranks' sizes).
     """
     check_float_tensor("student", student)
@@ -50,7 +50,7 @@ def masked_pairwise_huber(student: torch.Tensor, teacher: torch.Tensor, mask: to
     if group is not None and reduction == "none":
         raise ValueError("reduction='none' is not supported with a process_group")
     require_extension()
-    return ops.pairwise_huber.masked_pairwise_huber(student, teacher.detach(), mask, delta, bool(normalize),
+    return ops.masked_pairwise_huber.masked_pairwise_huber(student, teacher.detach(), mask, delta, bool(normalize),
                                                     reduction, mean_floor, group)
 
 

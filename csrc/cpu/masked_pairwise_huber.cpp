@@ -1,5 +1,5 @@
 // CPU kernels of fastkd::masked_pairwise_huber and its backward (schemas in csrc/ops.cpp; math in
-// fastkd/kernels/pairwise_huber_triton.py). Each group's members are read straight from the mask (no packing,
+// fastkd/kernels/masked_pairwise_huber_triton.py). Each group's members are read straight from the mask (no packing,
 // no host sync), its unordered pairs i < j visited once (each stands for (i, j) and (j, i)), distances
 // D_ij = sqrt(max(|x_i - x_j|^2, 1e-12)) from differences (no Gram-form cancellation). Groups run in parallel;
 // every sum has a fixed order, so results do not depend on the number of threads.

@@ -13,7 +13,7 @@ from fastkd._extension import EXTENSION_ERROR
 from fastkd.kernels.common import acc_dtype
 from fastkd.ops.registry import kernels, register
 
-FAMILY = "pairwise_huber"
+FAMILY = "masked_pairwise_huber"
 
 
 def _fake(student, teacher, mask, delta, normalize, reduction, mean_floor):
