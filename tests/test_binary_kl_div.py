@@ -178,11 +178,6 @@ def test_bad_input_raises_clear_error(args, kwargs, error, match):
         fastkd.binary_kl_div(*args, **kwargs)
 
 
-def test_other_devices_are_rejected():
-    with pytest.raises(ValueError, match=r"fastkd runs on CUDA and CPU tensors, got a meta tensor"):
-        fastkd.binary_kl_div(torch.zeros(2, 3, device="meta"), torch.zeros(2, 3, device="meta"))
-
-
 PORTABLE_BUILD_CHECK = """
 import torch, fastkd
 from fastkd import reference
