@@ -31,13 +31,15 @@ def table(data: dict, op: str) -> str:
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     baselines = [i for i in impls if i != "fastkd"]
     cases = defaultdict(dict)
-    for r in rows:
-        cases[(tuple(r["shape"]), r["mode"])][r["impl"]] = r
-    head = ["shape", "pass"] + [f"{i}: time (peak memory)" for i in impls] + [f"fastkd speed-up vs {b}" for b in baselines]
+    for r in rows:  # rows may name their op family (files covering several ops)
+        cases[(r.get("family"), tuple(r["shape"]), r["mode"])][r["impl"]] = r
+    with_op = any(r.get("family") for r in rows)
+    head = ["op"] * with_op + ["shape", "pass"] + [f"{i}: time (peak memory)" for i in impls]
+    head += [f"fastkd speed-up vs {b}" for b in baselines]
     lines = [f"**{op}** on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']}, "
              f"{env['date'][:10]})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (shape, mode), by_impl in cases.items():
-        cells = ["x".join(map(str, shape)), mode]
+    for (case_op, shape, mode), by_impl in cases.items():
+        cells = [case_op] * with_op + ["x".join(map(str, shape)), mode]
         for impl in impls:
             r = by_impl.get(impl)
             if r is None:

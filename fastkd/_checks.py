@@ -67,8 +67,9 @@ def check_choice(name: str, value, choices) -> None:
 
 
 def check_binary_mask(name: str, mask, shape) -> torch.Tensor:
-    """A (shape) tensor of 0/1 values (bool, integer or float) as bool. Non-bool values are checked on
-    the device (one sync), except while torch.compile traces."""
+    """A (shape) tensor of 0/1 values (bool, integer or float) as bool. Non-bool values are checked without a
+    host sync: on CPU tensors at once, on CUDA ones by a device-side assert (torch._assert_async); not while
+    torch.compile traces."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(shape):
@@ -77,6 +78,11 @@ def check_binary_mask(name: str, mask, shape) -> torch.Tensor:
         return mask
     if mask.is_complex():
         raise TypeError(f"{name} must hold 0/1 values as bool, integer or float, got dtype {mask.dtype}")
-    if not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError(f"{name} must hold only 0 and 1, got other values (dtype {mask.dtype})")
+    if not torch.compiler.is_compiling():
+        message = f"{name} must hold only 0 and 1, got other values (dtype {mask.dtype})"
+        binary = ((mask == 0) | (mask == 1)).all()
+        if mask.is_cuda:
+            torch._assert_async(binary, message)
+        elif not binary:
+            raise ValueError(message)
     return mask != 0

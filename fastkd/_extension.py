@@ -1,7 +1,7 @@
 """Loads the compiled extension ``fastkd._C`` (C++/CUDA ops registered under torch.ops.fastkd).
 
-Nothing is compiled at import: ``pip install`` builds the extension. If it is missing, importing
-fastkd still works (the Triton ops run on CUDA); ops that need it raise a clear error.
+Nothing is compiled at import: ``pip install`` builds the extension. It holds every op's schema: if it is
+missing, importing fastkd still works and the ops raise a clear error.
 """
 import torch
 

@@ -11,25 +11,25 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Kernel path x device: "cpu" runs the C++ CPU kernels, "triton-cpu" the GPU kernels under the interpreter
-# (CPU machines only), "triton-cuda" the compiled GPU kernels. Cases that cannot run here are skipped, so they still show up.
-BACKENDS = {
-    "cpu": ("auto", "cpu"),
-    "triton-cpu": ("triton", "cpu"),
-    "triton-cuda": ("auto", "cuda"),
-}
+from fastkd.ops.registry import triton_on_cpu  # noqa: E402  (after TRITON_INTERPRET)
+
+# Kernel path x device: "cpu" runs the CPU kernels (C++ or vectorised PyTorch), "triton-cpu" the GPU kernels
+# under the interpreter (CPU machines only), "triton-cuda" the compiled GPU kernels. Cases that cannot run here
+# are skipped, so they still show up.
+BACKENDS = {"cpu": "cpu", "triton-cpu": "cpu", "triton-cuda": "cuda"}
 
 
 @pytest.fixture(params=list(BACKENDS))
-def device(request, monkeypatch):
-    """Device to test on, with FASTKD_BACKEND set so the named kernel path runs."""
-    backend, dev = BACKENDS[request.param]
-    if dev == "cuda" and not torch.cuda.is_available():
+def device(request):
+    """Device to test on; for "triton-cpu", CPU tensors take the Triton kernels while the test runs."""
+    if request.param == "triton-cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    if request.param == "triton-cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton interpreter is off (a GPU is present)")
-    monkeypatch.setenv("FASTKD_BACKEND", backend)
-    return torch.device(dev)
+    if request.param == "triton-cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the Triton interpreter is off (a GPU is present)")
+        triton_on_cpu(True)
+        request.addfinalizer(lambda: triton_on_cpu(False))
+    return torch.device(BACKENDS[request.param])
 
 
 # Tolerances per dtype for a loss or gradient against a float64 reference on the same inputs:
@@ -97,3 +97,22 @@ class RunsACommand:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def assert_cuda_graph_replays(step):
+    """step() -> tensors, captured in a CUDA graph and replayed, gives what an eager call gives. Capture fails on
+    any host sync, so this also shows that step has none."""
+    expected = step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream (Triton compilation, allocator pools)
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, expected):
+        torch.testing.assert_close(got, want)

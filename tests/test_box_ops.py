@@ -5,7 +5,7 @@ import torch
 
 import fastkd
 from fastkd import reference
-from tests.conftest import TOLERANCES, assert_close
+from tests.conftest import TOLERANCES, assert_close, assert_cuda_graph_replays
 
 IMAGE_SIZE = (800, 1344)  # (H_pad, W_pad) of LGD's padded input
 LEVELS = [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]  # P3-P7
@@ -328,3 +328,17 @@ def test_native_op_checks_its_arguments():
     with pytest.raises(RuntimeError, match=r"features must hold 4-d tensors, got shape \[3, 7, 11\]"):
         torch.ops.fastkd.box_pool([F[0]], BOXES, IDX, IMAGE_SIZE, True)
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_capture_forward_and_backward():
+    boxes, batch_idx = make_boxes(2, "cuda")
+    features = [f.detach().requires_grad_() for f in make_levels(lambda h, w: (BATCH, CHANNELS, h, w), torch.float32,
+                                                                 "cuda")]
+
+    def step():
+        pooled = fastkd.box_pool(features, boxes, batch_idx, IMAGE_SIZE)
+        maps = fastkd.box_paint(pooled, boxes, batch_idx, IMAGE_SIZE, [f.shape for f in features])
+        loss = sum(m.square().sum() for m in maps)
+        return (loss, *torch.autograd.grad(loss, features))
+
+    assert_cuda_graph_replays(step)

@@ -1,5 +1,6 @@
 """Loss modules (and, later, models) built on fastkd.functional."""
-from fastkd.nn.losses import LEDLoss, MLDLoss
-from fastkd.nn.tat import HierarchicalTaTLoss, TaTLoss
+from fastkd.nn.binary_kl_div import MLDLoss
+from fastkd.nn.masked_pairwise_huber import LEDLoss
+from fastkd.nn.tat_attention_loss import HierarchicalTaTLoss, TaTLoss
 
 __all__ = ["HierarchicalTaTLoss", "LEDLoss", "MLDLoss", "TaTLoss"]

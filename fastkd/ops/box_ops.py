@@ -3,7 +3,8 @@ csrc/ops.cpp, CPU kernels in csrc/cpu/box_ops.cpp, CUDA kernels in csrc/cuda/box
 
 box_pool(features[l] (B, C_l, H_l, W_l)) -> [(N, C_l)] and box_paint([(N, C_l)]) -> [(B, C_l, H_l, W_l)] are
 adjoint for the same `mean`: each one's backward is the other (so double backward works as well).
-Features and values get gradients; boxes and batch_idx do not.
+Features and values get gradients; boxes and batch_idx do not. Host syncs: none (a batch_idx out of range is
+a device-side assert on CUDA).
 """
 import torch
 

@@ -1,5 +1,5 @@
 // MLD (per-label binary KL) CPU kernels, written once with at::vec and compiled per CPU capability
-// (binary_kl_default.cpp, binary_kl_avx2.cpp). Same math as fastkd/kernels/binary_kl_triton.py:
+// (binary_kl_div_default.cpp, binary_kl_div_avx2.cpp). Same math as fastkd/kernels/binary_kl_div_triton.py:
 //   a = z_s / T, b = z_t / T, sp(x) = log1p(exp(-|x|)), p_t = sigmoid(b)
 //   kl = p_t ((min(b,0) - min(a,0)) - (sp(b) - sp(a))) + (1 - p_t) ((max(a,0) - max(b,0)) - (sp(b) - sp(a)))
 //   dkl/da = sigmoid(a) - sigmoid(b),  dkl/db = sigmoid(b) sigmoid(-b) (b - a)
@@ -9,7 +9,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/Parallel.h>
 
-#include "binary_kl.h"
+#include "binary_kl_div.h"
 
 #include <algorithm>
 #include <cstdint>

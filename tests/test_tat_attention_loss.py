@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import fastkd
-import fastkd.kernels.tat_attention_cpu as tat_cpu
+import fastkd.kernels.tat_attention_loss_cpu as tat_cpu
 from fastkd import reference
-from tests.conftest import NORM_TOLERANCES, assert_close, assert_close_norm
+from tests.conftest import NORM_TOLERANCES, assert_close, assert_close_norm, assert_cuda_graph_replays
 
 # (B, N, M, Cq, Cv): one tile each way (7x7 maps); N != M over two query and key tiles; one key tile with two
 # query tiles (forward) and Cq over two channel tiles (backward); a single token; patch-group-like 16 tokens
@@ -275,3 +275,17 @@ def _tat(q=(2, 3, 4), k=(2, 5, 4), v=(2, 5, 6), t=(2, 3, 6), **kwargs):
 def test_bad_input_raises_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [(2, 49, 64), (2, 200, 64)], ids=str)  # one-tile and tiled kernels
+def test_cuda_graph_capture_forward_and_backward(shape):
+    B, N, C = shape
+    q, k, v, t = (torch.randn(B, N, C, device="cuda") for _ in range(4))
+    inputs = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_())
+
+    def step():
+        loss = fastkd.tat_attention_loss(q, k, v, t)
+        return (loss, *torch.autograd.grad(loss, inputs))
+
+    assert_cuda_graph_replays(step)

@@ -30,7 +30,7 @@ SINGLE_PROGRAM_TILES = 32  # up to 32 * BLOCK elements: one program, one launch,
 
 
 @triton.jit
-def _binary_kl(a, b):
+def _binary_kl_div(a, b):
     # log-sigmoid differences from input differences, not from two rounded log-sigmoids:
     # logsig(b) - logsig(a) = (min(b, 0) - min(a, 0)) - (sp(b) - sp(a)), sp(x) = log1p(exp(-|x|))
     d_sp = softplus_neg_abs(b) - softplus_neg_abs(a)
@@ -41,17 +41,17 @@ def _binary_kl(a, b):
 
 
 @triton.jit
-def _mld_forward_none_kernel(s_ptr, t_ptr, out_ptr, n, temperature,
+def _binary_kl_div_forward_none_kernel(s_ptr, t_ptr, out_ptr, n, temperature,
                              BLOCK: tl.constexpr, ACC: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     a = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC) / temperature
     b = tl.load(t_ptr + offs, mask=mask, other=0.0).to(ACC) / temperature
-    tl.store(out_ptr + offs, _binary_kl(a, b).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, _binary_kl_div(a, b).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _mld_forward_reduce_kernel(s_ptr, t_ptr, partial_ptr, n, temperature, scale, tiles_per_program,
+def _binary_kl_div_forward_reduce_kernel(s_ptr, t_ptr, partial_ptr, n, temperature, scale, tiles_per_program,
                                BLOCK: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
     acc = tl.zeros([BLOCK], dtype=ACC)
@@ -60,12 +60,12 @@ def _mld_forward_reduce_kernel(s_ptr, t_ptr, partial_ptr, n, temperature, scale,
         mask = offs < n
         a = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC) / temperature
         b = tl.load(t_ptr + offs, mask=mask, other=0.0).to(ACC) / temperature
-        acc += tl.where(mask, _binary_kl(a, b), 0.0)
+        acc += tl.where(mask, _binary_kl_div(a, b), 0.0)
     tl.store(partial_ptr + pid, tl.sum(acc, axis=0) * scale)
 
 
 @triton.jit
-def _mld_backward_kernel(s_ptr, t_ptr, g_ptr, ds_ptr, dt_ptr, n, temperature, scale,
+def _binary_kl_div_backward_kernel(s_ptr, t_ptr, g_ptr, ds_ptr, dt_ptr, n, temperature, scale,
                          BLOCK: tl.constexpr, ACC: tl.constexpr,
                          GRAD_IS_SCALAR: tl.constexpr, TEACHER_GRAD: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -90,7 +90,7 @@ def binary_kl_div_forward(student, teacher, temperature: float, reduction: str):
     if reduction == "none":
         out = torch.empty_like(s)
         if n:
-            _mld_forward_none_kernel[(triton.cdiv(n, BLOCK),)](
+            _binary_kl_div_forward_none_kernel[(triton.cdiv(n, BLOCK),)](
                 s, t, out, n, temperature, BLOCK=BLOCK, ACC=acc, num_warps=NUM_WARPS)
         return out
     scale = loss_scale(s.shape, reduction)
@@ -102,7 +102,7 @@ def binary_kl_div_forward(student, teacher, temperature: float, reduction: str):
     programs = triton.cdiv(tiles, tiles_per_program)
     partial_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
     partials = torch.empty(programs, dtype=partial_dtype, device=s.device)
-    _mld_forward_reduce_kernel[(programs,)](
+    _binary_kl_div_forward_reduce_kernel[(programs,)](
         s, t, partials, n, temperature, scale, tiles_per_program, BLOCK=BLOCK, ACC=acc, num_warps=NUM_WARPS)
     loss = partials[0] if programs == 1 else partials.sum()
     return loss.to(s.dtype)
@@ -117,7 +117,7 @@ def binary_kl_div_backward(grad, student, teacher, temperature: float, reduction
     dt = torch.empty_like(t) if teacher_grad else ds  # dt_ptr is unused without TEACHER_GRAD
     if n:
         scale = loss_scale(s.shape, reduction) / temperature
-        _mld_backward_kernel[(triton.cdiv(n, BLOCK),)](
+        _binary_kl_div_backward_kernel[(triton.cdiv(n, BLOCK),)](
             s, t, g, ds, dt, n, temperature, scale, BLOCK=BLOCK, ACC=compute_dtype(s.dtype),
             GRAD_IS_SCALAR=grad_is_scalar, TEACHER_GRAD=teacher_grad, num_warps=NUM_WARPS)
-    return ds, (dt if teacher_grad else None)
+    return [ds, dt] if teacher_grad else [ds]

@@ -9,15 +9,15 @@ For each ordered pair (i query, j member, i != j), with D_ij = sqrt(max(|x_i|^2 
 1e-12)) (Gram term on tensor cores with tl.dot; tf32x3 for fp32 keeps fp32 accuracy), computed on rows
 centred on the group's first member (translation-invariant, and free of the |x|^2 cancellation that
 otherwise turns nearly coincident embeddings' distances into rounding noise):
-  pass 1  pair_sums:  sum_ij Ds_ij, sum_ij Dt_ij                          -> normalising means m_s, m_t
-  pass 2  pair_loss:  sum_ij h(u_ij), sum_ij h'(u_ij) Ds_ij,  u = Ds/m_s - Dt/m_t, h = Huber(delta)
-  pass 3  pair_grad:  W_ij = w_g (h'(u_ij) - c_g) / (m_s Ds_ij)  (0 where the clamp is active),
+  pass 1  (forward):  sum_ij Ds_ij, sum_ij Dt_ij                          -> normalising means m_s, m_t
+  pass 2  (forward):  sum_ij h(u_ij), sum_ij h'(u_ij) Ds_ij,  u = Ds/m_s - Dt/m_t, h = Huber(delta)
+  pass 3 (backward):  W_ij = w_g (h'(u_ij) - c_g) / (m_s Ds_ij)  (0 where the clamp is active),
                       grad_i = 2 (rowsum(W)_i x_i - (W X)_i)
 c_g = sum h' Ds / sum Ds carries the gradient through the student's own mean; the factor 2 counts both
 (i, j) and (j, i), which is what lets a DDP rank get its rows' full gradient from its own pairs only.
 Per-group partial sums are written per program and summed in a fixed order (deterministic).
 """
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -179,54 +179,98 @@ def _tiles(max_n: int) -> int:
     return max(triton.cdiv(max_n, BLOCK_N), 1)
 
 
-@dataclass
-class Prepared:
-    """Launch arguments shared by the three passes (nothing is precomputed: each pass recomputes distances)."""
-    student: torch.Tensor
-    teacher: torch.Tensor
+class Packed(NamedTuple):
+    """Variable-length member lists: members (G, max(max_n, 1)) int32 positions with each group's query members
+    first, counts (G,) and queries (G,) int32, and two numbers read on the host (they size the grid)."""
     members: torch.Tensor
     counts: torch.Tensor
     queries: torch.Tensor
     max_n: int
+    total_queries: int
 
 
-def prepare(student, teacher, members, counts, queries, max_n: int) -> Prepared:
-    return Prepared(student, teacher, members, counts, queries, max_n)
+def pack_groups(mask, local=None) -> Packed:
+    """The groups of a (G, N) bool mask; query members are those in `local` (this rank's rows), or all. The op's
+    one host sync: max_n and the total number of query members."""
+    mask = mask.bool()
+    counts = mask.sum(1, dtype=torch.int32)
+    queries = counts if local is None else (mask & local).sum(1, dtype=torch.int32)
+    if mask.shape[0] == 0 or mask.shape[1] == 0:
+        return Packed(mask.new_zeros(mask.shape[0], 1, dtype=torch.int32), counts, queries, 0, 0)
+    key = torch.where(mask, 0, 2).to(torch.int8)  # sort key: members first ...
+    if local is not None:
+        key += (mask & ~local).to(torch.int8)  # ... and among them this rank's own rows first
+    max_n, total_queries = torch.stack([counts.max(), queries.sum()]).tolist()
+    order = torch.argsort(key, dim=1, stable=True)[:, :max(max_n, 1)]
+    return Packed(order.to(torch.int32).contiguous(), counts, queries, max_n, total_queries)
 
 
-def _pair_pass(p: Prepared, means, delta: float, loss: bool):
-    G, tiles = p.student.shape[0], _tiles(p.max_n)
-    partials = torch.zeros(G, tiles * tiles, 2, dtype=acc_dtype(p.student.dtype), device=p.student.device)
+def _group_means(sums, counts, normalize: bool, mean_floor: float):
+    """Normalising means (G, 2) [m_s, m_t] (1 without normalisation or for groups under 2 members) and
+    whether the student mean is in the graph (not replaced by the floor)."""
+    if not normalize:
+        return torch.ones_like(sums), torch.zeros_like(sums[:, 0], dtype=torch.bool)
+    pairs = (counts * (counts - 1)).to(sums.dtype)
+    raw = sums / pairs.clamp(min=1)[:, None]
+    means = torch.where((counts >= 2)[:, None], raw.clamp(min=mean_floor), torch.ones_like(raw))
+    return means, (counts >= 2) & (raw[:, 0] > mean_floor)
+
+
+def _group_scale(counts, reduction: str, dtype):
+    """Per-group factor of each group's loss in the reduced loss (1 for "none")."""
+    counted = counts >= 2
+    if reduction == "official":
+        return torch.where(counted, 1.0 / counts.clamp(min=1).to(dtype), 0.0)
+    if reduction == "mean":
+        pairs = torch.where(counted, counts * (counts - 1), 0).sum().clamp(min=1)
+        return torch.ones(counts.shape, dtype=dtype, device=counts.device) / pairs.to(dtype)
+    return torch.ones(counts.shape, dtype=dtype, device=counts.device)
+
+
+def _pair_pass(student, teacher, packed: Packed, means, delta: float, loss: bool):
+    """(G, 2) in the accumulation dtype over each group's ordered query pairs: [sum Ds, sum Dt] (pass 1) or,
+    with `loss`, [sum h(u), sum h'(u) Ds] (pass 2)."""
+    G, tiles = student.shape[0], _tiles(packed.max_n)
+    partials = torch.zeros(G, tiles * tiles, 2, dtype=acc_dtype(student.dtype), device=student.device)
     if G:
         _pair_pass_kernel[(G, tiles * tiles)](
-            p.student, *p.student.stride(), p.teacher, *p.teacher.stride(), p.members, p.counts, p.queries,
-            means, partials, p.max_n, tiles, p.student.shape[2], p.teacher.shape[2], delta, LOSS=loss,
-            **_launch_options(p.student.dtype))
+            student, *student.stride(), teacher, *teacher.stride(), packed.members, packed.counts, packed.queries,
+            means, partials, packed.max_n, tiles, student.shape[2], teacher.shape[2], delta, LOSS=loss,
+            **_launch_options(student.dtype))
     return partials.sum(1)  # fixed order: deterministic
 
 
-def pair_sums(p: Prepared):
-    """(G, 2) in the accumulation dtype: sums of student and teacher distances over each group's ordered
-    query pairs."""
-    return _pair_pass(p, p.counts, 0.0, loss=False)  # means unused in this pass
+def forward(student, teacher, mask, delta: float, normalize: bool, reduction: str, mean_floor: float, local=None,
+            all_reduce=None):
+    """(loss, stats (G, 3) [m_s, m_t, c], packing); over DDP, `local` marks this rank's rows and `all_reduce`
+    sums the per-group partial sums across ranks between the passes."""
+    packed = pack_groups(mask, local)
+    sums = _pair_pass(student, teacher, packed, packed.counts, 0.0, loss=False)  # means unused in pass 1
+    if all_reduce is not None:
+        all_reduce(sums)
+    means, mean_in_graph = _group_means(sums, packed.counts, normalize, mean_floor)
+    huber_sums = _pair_pass(student, teacher, packed, means.contiguous(), delta, loss=True)
+    if all_reduce is not None:
+        all_reduce(huber_sums)
+    coef = torch.where(mean_in_graph, huber_sums[:, 1] / sums[:, 0].clamp(min=1e-30), 0.0)
+    losses = huber_sums[:, 0] * _group_scale(packed.counts, reduction, huber_sums.dtype)
+    loss = (losses if reduction == "none" else losses.sum()).to(student.dtype)
+    return loss, torch.cat([means, coef[:, None]], dim=1), packed
 
 
-def pair_loss(p: Prepared, means, delta: float):
-    """(G, 2) in the accumulation dtype: [sum of Huber terms, sum of h'(u) * Ds] over each group's ordered
-    query pairs."""
-    return _pair_pass(p, means.contiguous(), delta, loss=True)
-
-
-def pair_grad(p: Prepared, total_queries: int, means, coef, weight, delta: float):
-    """Gradient w.r.t. student (same shape and strides; zero outside the query members)."""
-    G, tiles = p.student.shape[0], _tiles(p.max_n)
-    grad = torch.zeros_like(p.student)
-    if G and total_queries:
-        row_offsets = (torch.cumsum(p.queries, 0) - p.queries).to(torch.int64)
-        acc = torch.zeros(total_queries, p.student.shape[2], dtype=acc_dtype(p.student.dtype), device=grad.device)
+def backward(grad, student, teacher, mask, stats, delta: float, reduction: str, packed: Packed = None):
+    """Gradient w.r.t. student (same shape and strides; zero outside the query members), reusing the forward's
+    packing when given (else packing again: one more sync)."""
+    packed = pack_groups(mask) if packed is None else packed
+    G, tiles = student.shape[0], _tiles(packed.max_n)
+    weight = (grad.to(stats.dtype) * _group_scale(packed.counts, reduction, stats.dtype)).expand(G).contiguous()
+    out = torch.zeros_like(student)
+    if G and packed.total_queries:
+        row_offsets = (torch.cumsum(packed.queries, 0) - packed.queries).to(torch.int64)
+        acc = torch.zeros(packed.total_queries, student.shape[2], dtype=acc_dtype(student.dtype), device=out.device)
         _pair_grad_kernel[(G, tiles)](
-            p.student, *p.student.stride(), p.teacher, *p.teacher.stride(), p.members, p.counts, p.queries,
-            means.contiguous(), coef.contiguous(), weight.contiguous(), row_offsets, acc, grad, *grad.stride(),
-            p.max_n, tiles, p.student.shape[2], p.teacher.shape[2], delta,
-            ACC_PRECISION="ieee" if p.student.dtype == torch.float64 else "tf32x3", **_launch_options(p.student.dtype))
-    return grad
+            student, *student.stride(), teacher, *teacher.stride(), packed.members, packed.counts, packed.queries,
+            stats[:, :2].contiguous(), stats[:, 2].contiguous(), weight, row_offsets, acc, out, *out.stride(),
+            packed.max_n, tiles, student.shape[2], teacher.shape[2], delta,
+            ACC_PRECISION="ieee" if student.dtype == torch.float64 else "tf32x3", **_launch_options(student.dtype))
+    return out

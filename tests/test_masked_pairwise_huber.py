@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 
 import fastkd
 from fastkd import reference
+from fastkd.ops.registry import triton_on_cpu
 from tests.conftest import assert_close_norm as assert_close
 from tests.conftest import free_port
 
@@ -174,7 +175,8 @@ def test_bad_input_raises_clear_error(call, error, match):
 
 
 def _ddp_worker(rank, world, port, backend, batch, result_dir):
-    os.environ["FASTKD_BACKEND"] = backend
+    if backend == "triton":
+        triton_on_cpu(True)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     student, teacher, targets = batch
     per_rank = student.shape[0] // world
@@ -204,3 +206,9 @@ def test_ddp_cd_equals_one_process_on_the_global_batch(backend, tmp_path):
         torch.testing.assert_close(result["loss"], single.detach())
         # scaled by the world size so that DDP's gradient averaging gives the single-process gradient
         torch.testing.assert_close(result["grad"], world * whole.grad[rank * 3:(rank + 1) * 3])
+
+
+@pytest.mark.skip(reason="not capturable on CUDA: LED reads its largest group size on the host to size the grid "
+                         "(the one sync listed in fastkd/ops/masked_pairwise_huber.py)")
+def test_cuda_graph_capture():
+    pass

@@ -1,5 +1,5 @@
 // MLD CPU kernels, portable build (at::vec's generic vectors).
 #define CPU_CAPABILITY DEFAULT
-#include "binary_kl_kernel.h"
+#include "binary_kl_div_kernel.h"
 
 FASTKD_INSTANTIATE_BINARY_KL_ALL()

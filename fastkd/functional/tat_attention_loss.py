@@ -5,8 +5,9 @@ import numbers
 
 import torch
 
-import fastkd.ops  # noqa: F401  (registers torch.ops.fastkd.*)
+from fastkd import ops
 from fastkd._checks import check_choice, check_float_tensor, check_int_sequence, check_same_device_and_dtype
+from fastkd._extension import require_extension
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -31,7 +32,7 @@ def tat_attention_loss(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     or "none" (per batch item sums, shape (B,)). scale = 1.0 is the official choice (no 1 / sqrt(d)).
     Gradients reach query, key, value, and target when it requires grad (detach the teacher otherwise).
     fp16/bf16 accumulate in fp32. Official roles (classification): query = gamma(student), key = teacher,
-    value = phi(student), target = teacher; see fastkd.nn.TaTLoss.
+    value = phi(student), target = teacher; see fastkd.nn.TaTLoss. No host sync.
     """
     check_float_tensor("query", query)
     if query.dim() != 3:
@@ -48,8 +49,8 @@ def tat_attention_loss(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite real number, got {scale!r}")
     check_choice("reduction", reduction, REDUCTIONS)
-    save_residual = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value, target))
-    return torch.ops.fastkd.tat_attention_loss(query, key, value, target, float(scale), reduction, save_residual)[0]
+    require_extension()
+    return ops.tat_attention_loss.tat_attention_loss(query, key, value, target, float(scale), reduction)
 
 
 def _check_map(name: str, x) -> None:

@@ -1,5 +1,5 @@
-// Declarations of the per-capability MLD CPU kernels (defined in binary_kl_kernel.h, instantiated in
-// binary_kl_default.cpp and, on x86-64, binary_kl_avx2.cpp).
+// Declarations of the per-capability MLD CPU kernels (defined in binary_kl_div_kernel.h, instantiated in
+// binary_kl_div_default.cpp and, on x86-64, binary_kl_div_avx2.cpp).
 #pragma once
 
 #include <cstdint>

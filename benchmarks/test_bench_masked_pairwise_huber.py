@@ -44,7 +44,7 @@ IMPLEMENTATIONS = {
 
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
-def test_led(benchmark, bench_device, record, case, impl, mode):
+def test_masked_pairwise_huber(benchmark, bench_device, record, case, impl, mode):
     (B, Q, D), label_stats = case
     loss_fn = IMPLEMENTATIONS[impl]
     gen = torch.Generator().manual_seed(0)
@@ -60,7 +60,7 @@ def test_led(benchmark, bench_device, record, case, impl, mode):
             loss.backward()
         return loss
 
-    measure(benchmark, record, "led", step,
+    measure(benchmark, record, "masked_pairwise_huber", step,
             check=lambda loss: torch.testing.assert_close(loss.detach(), expected, rtol=2e-4, atol=1e-4),
             device=bench_device, group=f"led {mode} {(B, Q, D)}", shape=[B, Q, D], positives=int(targets.sum()),
             dtype="float32", impl=impl, mode=mode, input_bytes=2 * student.numel() * student.element_size())

@@ -296,11 +296,11 @@ def tat_forward(query, key, value, target, scale: float, store_residual: bool):
 
 
 def tat_backward(weight, query, key, value, residual, lse, rowdot, scale: float):
-    """(dq, dk, dv) with the strides of query, key, value, for per batch item weights w_b (dL/dO = w_b E)."""
+    """(dq, dk, dv), contiguous, for per batch item weights w_b (dL/dO = w_b E)."""
     B, N, Cq = query.shape
     M, Cv = value.shape[1], value.shape[2]
     blocks = _blocks(query.dtype)
-    dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    dq, dk, dv = (x.new_empty(x.shape) for x in (query, key, value))
     if B * N * M == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     inputs = (query, *query.stride(), key, *key.stride(), value, *value.stride(), residual, *residual.stride(),

@@ -1,5 +1,4 @@
-// CPU implementation of MLD's internal ops fastkd::_binary_kl_div_cpu and _binary_kl_div_backward_cpu,
-// called by the fastkd::binary_kl_div custom op for CPU tensors (see fastkd/kernels/binary_kl_cpu.py).
+// CPU kernels of fastkd::binary_kl_div and fastkd::binary_kl_div_backward (schemas in csrc/ops.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -11,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "binary_kl.h"
+#include "binary_kl_div.h"
 
 namespace fastkd::cpu {
 namespace {
@@ -99,6 +98,6 @@ std::vector<at::Tensor> binary_kl_div_backward(const at::Tensor& grad, const at:
 }  // namespace fastkd::cpu
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
-  m.impl("_binary_kl_div_cpu", &fastkd::cpu::binary_kl_div_forward);
-  m.impl("_binary_kl_div_backward_cpu", &fastkd::cpu::binary_kl_div_backward);
+  m.impl("binary_kl_div", &fastkd::cpu::binary_kl_div_forward);
+  m.impl("binary_kl_div_backward", &fastkd::cpu::binary_kl_div_backward);
 }

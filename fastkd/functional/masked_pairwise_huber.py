@@ -1,9 +1,10 @@
 """LED, L2D's label-wise embedding distillation: a masked pairwise Huber loss over groups of embeddings."""
 import torch
 
-import fastkd.ops  # noqa: F401  (registers torch.ops.fastkd.*)
+from fastkd import ops
 from fastkd._checks import (check_binary_mask, check_choice, check_float_tensor, check_positive_number,
                             check_same_device, check_same_device_and_dtype)
+from fastkd._extension import require_extension
 
 REDUCTIONS = ("official", "sum", "mean", "none")
 
@@ -28,7 +29,8 @@ def masked_pairwise_huber(student: torch.Tensor, teacher: torch.Tensor, mask: to
     mean makes the gradient huge (~1 / mean): `mean_floor` (e.g. 1e-2 of the embedding norm scale)
     bounds it; the default reproduces the official code.
     process_group: members (dim 1) are split across the ranks of this group (DDP); the loss is over the
-    global set of members (see fastkd.ops.pairwise_huber_distributed).
+    global set of members (see fastkd.ops.masked_pairwise_huber).
+    Host syncs: one (the largest group size sizes the kernels' grid), two over DDP (the ranks' sizes).
     """
     check_float_tensor("student", student)
     check_float_tensor("teacher", teacher)
@@ -43,15 +45,13 @@ def masked_pairwise_huber(student: torch.Tensor, teacher: torch.Tensor, mask: to
     mean_floor = float(mean_floor)
     if not mean_floor >= 0:
         raise ValueError(f"mean_floor must be >= 0, got {mean_floor}")
-    teacher = teacher.detach()
-    if process_group is not None and torch.distributed.get_world_size(process_group) > 1:
-        if reduction == "none":
-            raise ValueError("reduction='none' is not supported with a process_group")
-        from fastkd.ops.pairwise_huber_distributed import distributed_masked_pairwise_huber
-        return distributed_masked_pairwise_huber(student, teacher, mask, delta, bool(normalize), reduction,
-                                                 mean_floor, process_group)
-    return torch.ops.fastkd.masked_pairwise_huber(student, teacher, mask, delta, bool(normalize), reduction,
-                                                  mean_floor)[0]
+    group = process_group if process_group is not None and torch.distributed.get_world_size(process_group) > 1 \
+        else None
+    if group is not None and reduction == "none":
+        raise ValueError("reduction='none' is not supported with a process_group")
+    require_extension()
+    return ops.masked_pairwise_huber.masked_pairwise_huber(student, teacher.detach(), mask, delta, bool(normalize),
+                                                    reduction, mean_floor, group)
 
 
 def _check_embeddings(student_emb, teacher_emb, targets):

@@ -1,0 +1,207 @@
+// CPU kernels of fastkd::masked_pairwise_huber and its backward (schemas in csrc/ops.cpp; math in
+// fastkd/kernels/masked_pairwise_huber_triton.py). Each group's members are read straight from the mask (no packing,
+// no host sync), its unordered pairs i < j visited once (each stands for (i, j) and (j, i)), distances
+// D_ij = sqrt(max(|x_i - x_j|^2, 1e-12)) from differences (no Gram-form cancellation). Groups run in parallel;
+// every sum has a fixed order, so results do not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace fastkd::cpu {
+namespace {
+
+constexpr double kClamp = 1e-12;  // squared distances are clamped here before the sqrt (official code)
+
+// One (G, N, D) input with a unit stride along D.
+template <typename scalar_t>
+struct Rows {
+  const scalar_t* data;
+  int64_t stride_g, stride_n, dim;
+
+  Rows(const at::Tensor& x)
+      : data(x.const_data_ptr<scalar_t>()), stride_g(x.stride(0)), stride_n(x.stride(1)), dim(x.size(2)) {}
+
+  const scalar_t* row(int64_t g, int64_t n) const { return data + g * stride_g + n * stride_n; }
+
+  template <typename acc_t>
+  acc_t squared_distance(int64_t g, int64_t i, int64_t j) const {
+    const scalar_t* a = row(g, i);
+    const scalar_t* b = row(g, j);
+    acc_t sum = 0;
+    for (int64_t d = 0; d < dim; ++d) {
+      const acc_t u = static_cast<acc_t>(a[d]) - static_cast<acc_t>(b[d]);
+      sum += u * u;
+    }
+    return sum;
+  }
+};
+
+at::Tensor unit_last_stride(const at::Tensor& x) { return x.stride(2) == 1 ? x : x.contiguous(); }
+
+// Member positions of group g.
+std::vector<int64_t> members(const at::Tensor& mask, int64_t g) {
+  const bool* m = mask.const_data_ptr<bool>() + g * mask.stride(0);
+  std::vector<int64_t> out;
+  for (int64_t n = 0; n < mask.size(1); ++n) {
+    if (m[n * mask.stride(1)]) out.push_back(n);
+  }
+  return out;
+}
+
+// Weight of each group's loss in the reduced loss: "official" 1 / n_g, "mean" 1 / (ordered pairs), else 1;
+// 0 for groups under 2 members.
+std::vector<double> group_scales(const std::vector<int64_t>& counts, c10::string_view reduction) {
+  double pairs = 0;
+  for (int64_t n : counts) pairs += n >= 2 ? static_cast<double>(n * (n - 1)) : 0.0;
+  std::vector<double> scale(counts.size());
+  for (size_t g = 0; g < counts.size(); ++g) {
+    const int64_t n = counts[g];
+    scale[g] = n < 2 ? 0.0 : reduction == "official" ? 1.0 / n : reduction == "mean" ? 1.0 / std::max(pairs, 1.0) : 1.0;
+  }
+  return scale;
+}
+
+template <typename acc_t>
+acc_t huber_slope(acc_t u, double delta) {
+  return std::clamp(u, static_cast<acc_t>(-delta), static_cast<acc_t>(delta));
+}
+
+int64_t grain(const at::Tensor& student, const at::Tensor& teacher) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, student.size(1) * (student.size(2) + teacher.size(2))));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> masked_pairwise_huber(const at::Tensor& student_in, const at::Tensor& teacher_in,
+                                                          const at::Tensor& mask_in, double delta, bool normalize,
+                                                          c10::string_view reduction, double mean_floor) {
+  const at::Tensor student = unit_last_stride(student_in), teacher = unit_last_stride(teacher_in);
+  const at::Tensor mask = mask_in.to(at::kBool);
+  const int64_t G = student.size(0);
+  const auto acc_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor stats = at::empty({G, 3}, student.options().dtype(acc_type));
+  std::vector<double> losses(G);
+  std::vector<int64_t> counts(G);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "masked_pairwise_huber", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Rows<scalar_t> s_rows(student), t_rows(teacher);
+    acc_t* st = stats.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, G, grain(student, teacher), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> d_s, d_t;
+      for (int64_t g = begin; g < end; ++g) {
+        const std::vector<int64_t> idx = members(mask, g);
+        const int64_t n = static_cast<int64_t>(idx.size());
+        counts[g] = n;
+        d_s.clear();
+        d_t.clear();
+        acc_t sum_s = 0, sum_t = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          for (int64_t j = i + 1; j < n; ++j) {
+            d_s.push_back(std::sqrt(std::max(s_rows.template squared_distance<acc_t>(g, idx[i], idx[j]), acc_t(kClamp))));
+            d_t.push_back(std::sqrt(std::max(t_rows.template squared_distance<acc_t>(g, idx[i], idx[j]), acc_t(kClamp))));
+            sum_s += 2 * d_s.back();
+            sum_t += 2 * d_t.back();
+          }
+        }
+        acc_t m_s = 1, m_t = 1;
+        bool mean_in_graph = false;
+        if (normalize && n >= 2) {
+          const acc_t pairs = static_cast<acc_t>(n * (n - 1));
+          m_s = std::max(sum_s / pairs, static_cast<acc_t>(mean_floor));
+          m_t = std::max(sum_t / pairs, static_cast<acc_t>(mean_floor));
+          mean_in_graph = sum_s / pairs > static_cast<acc_t>(mean_floor);
+        }
+        acc_t loss = 0, slope_ds = 0;
+        for (size_t p = 0; p < d_s.size(); ++p) {
+          const acc_t u = d_s[p] / m_s - d_t[p] / m_t;
+          const acc_t a = std::abs(u);
+          loss += 2 * (a <= delta ? acc_t(0.5) * u * u : static_cast<acc_t>(delta) * (a - acc_t(0.5 * delta)));
+          slope_ds += 2 * huber_slope(u, delta) * d_s[p];
+        }
+        losses[g] = static_cast<double>(loss);
+        st[3 * g] = m_s;
+        st[3 * g + 1] = m_t;
+        st[3 * g + 2] = mean_in_graph ? slope_ds / std::max(sum_s, acc_t(1e-30)) : acc_t(0);
+      }
+    });
+  });
+  const std::vector<double> scale = group_scales(counts, reduction);
+  if (reduction == "none") {
+    at::Tensor out = at::empty({G}, at::kDouble);
+    double* o = out.mutable_data_ptr<double>();
+    for (int64_t g = 0; g < G; ++g) o[g] = losses[g] * scale[g];
+    return {out.to(student.scalar_type()), stats};
+  }
+  double total = 0;  // fixed order
+  for (int64_t g = 0; g < G; ++g) total += losses[g] * scale[g];
+  return {at::scalar_tensor(total, student.options()), stats};
+}
+
+at::Tensor masked_pairwise_huber_backward(const at::Tensor& grad, const at::Tensor& student_in,
+                                          const at::Tensor& teacher_in, const at::Tensor& mask_in,
+                                          const at::Tensor& stats_in, double delta, c10::string_view reduction) {
+  const at::Tensor student = unit_last_stride(student_in), teacher = unit_last_stride(teacher_in);
+  const at::Tensor mask = mask_in.to(at::kBool);
+  const at::Tensor stats = stats_in.to(at::kDouble).contiguous();
+  const int64_t G = student.size(0), D = student.size(2);
+  std::vector<int64_t> counts(G);
+  for (int64_t g = 0; g < G; ++g) counts[g] = static_cast<int64_t>(members(mask, g).size());
+  const std::vector<double> scale = group_scales(counts, reduction);
+  const at::Tensor g_in = grad.to(at::kDouble).expand({G}).contiguous();
+  at::Tensor out = at::zeros_like(student_in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "masked_pairwise_huber_backward",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Rows<scalar_t> s_rows(student), t_rows(teacher);
+    const double* st = stats.const_data_ptr<double>();
+    const double* upstream = g_in.const_data_ptr<double>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, G, grain(student, teacher), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc;
+      for (int64_t g = begin; g < end; ++g) {
+        const std::vector<int64_t> idx = members(mask, g);
+        const int64_t n = static_cast<int64_t>(idx.size());
+        if (n < 2 || scale[g] == 0) continue;
+        const acc_t m_s = static_cast<acc_t>(st[3 * g]), m_t = static_cast<acc_t>(st[3 * g + 1]);
+        const acc_t coef = static_cast<acc_t>(st[3 * g + 2]);
+        const acc_t w = static_cast<acc_t>(2 * upstream[g] * scale[g]);  // 2: the pairs (i, j) and (j, i)
+        acc.assign(n * D, acc_t(0));
+        for (int64_t i = 0; i < n; ++i) {
+          for (int64_t j = i + 1; j < n; ++j) {
+            const acc_t d2 = s_rows.template squared_distance<acc_t>(g, idx[i], idx[j]);
+            if (d2 < acc_t(kClamp)) continue;  // no gradient through the clamp
+            const acc_t d_s = std::sqrt(d2);
+            const acc_t d_t = std::sqrt(std::max(t_rows.template squared_distance<acc_t>(g, idx[i], idx[j]), acc_t(kClamp)));
+            const acc_t weight = w * (huber_slope(d_s / m_s - d_t / m_t, delta) - coef) / (m_s * d_s);
+            const scalar_t* x_i = s_rows.row(g, idx[i]);
+            const scalar_t* x_j = s_rows.row(g, idx[j]);
+            for (int64_t d = 0; d < D; ++d) {
+              const acc_t diff = weight * (static_cast<acc_t>(x_i[d]) - static_cast<acc_t>(x_j[d]));
+              acc[i * D + d] += diff;
+              acc[j * D + d] -= diff;
+            }
+          }
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          scalar_t* row = o + g * out.stride(0) + idx[i] * out.stride(1);
+          for (int64_t d = 0; d < D; ++d) row[d * out.stride(2)] = static_cast<scalar_t>(acc[i * D + d]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace fastkd::cpu
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("masked_pairwise_huber", &fastkd::cpu::masked_pairwise_huber);
+  m.impl("masked_pairwise_huber_backward", &fastkd::cpu::masked_pairwise_huber_backward);
+}
