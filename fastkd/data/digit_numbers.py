@@ -36,10 +36,10 @@ class NumberCanvasConfig:
 
 @dataclass(frozen=True)
 class SegmentationCanvasConfig:
-    size: int = 48
+    size: int = 32
     min_digits: int = 1
-    max_digits: int = 4
-    digit_sizes: tuple = (12, 24)
+    max_digits: int = 3
+    digit_sizes: tuple = (10, 18)
     strokes: int = 4
     noise: float = 0.2
     ink: float = 0.3                 # a digit's pixel belongs to it where its (resized) ink exceeds this

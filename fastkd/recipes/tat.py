@@ -52,14 +52,14 @@ class TaTConfig(RunConfig):
     batch_size: int = option(64, "batch size per process", check=">=1")
     train_samples: int = option(4000, "built-in canvases for training", check=">=1")
     test_samples: int = option(2000, "built-in canvases for testing", check=">=1")
-    teacher_backbone: str = option("cnn-8-16-32", "cnn-W1-W2-..., resnet18/34/50/101 or mobilenet_v2")
-    student_backbone: str = option("cnn-4-8-16", "as --teacher-backbone")
+    teacher_backbone: str = option("cnn-16-32-64", "cnn-W1-W2-..., resnet18/34/50/101 or mobilenet_v2")
+    student_backbone: str = option("cnn-8-16-32", "as --teacher-backbone")
     teacher_checkpoint: Optional[str] = option(None, "use this trained teacher instead of training one: a last.pt, "
                                                "a Classifier state_dict or a torchvision ResNet state_dict (local)")
     student_weights: Optional[str] = option(None, "start every student from this local state_dict (Classifier or "
                                             "torchvision ResNet; a classifier layer of another shape is skipped)")
-    teacher_epochs: int = option(8, "epochs of the teacher", check=">=1")
-    student_epochs: int = option(6, "epochs of each student", check=">=1")
+    teacher_epochs: int = option(10, "epochs of the teacher", check=">=1")
+    student_epochs: int = option(8, "epochs of each student", check=">=1")
     optimizer: str = option("adamw", "adamw (official) or sgd (Nesterov-free, momentum 0.9)",
                             choices=("adamw", "sgd"))
     lr: float = option(4e-3, "peak learning rate", check=">0")
