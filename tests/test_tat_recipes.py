@@ -233,7 +233,7 @@ def test_each_classification_method_trains_and_fastkd_matches_reference(method):
 
 
 def test_official_classification_weights():
-    cfg = tat.config_with(**TINY)
+    cfg = tat.config_with(**TINY, **tat.PRESETS["official-weights"])
     data = TwoDigitNumbers("train", 8, cfg.canvas)
     teacher = Classifier(cfg.teacher_backbone, 55, 1).eval().requires_grad_(False)
     batch = [data.images, data.targets]
@@ -386,3 +386,28 @@ def test_ddp_recipes_on_two_cpu_processes(tmp_path):
     engine.load_weights(student, str(tmp_path / "seg" / "tat"))
     single = tat_seg.evaluate(student.eval(), DigitSegmentation("test", 13, seg.canvas), seg, CPU)
     assert rank0["histories"]["seg"]["tat"][-1]["mIoU"] == pytest.approx(single["mIoU"])
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_steps_keep_the_tat_terms_in_float32(amp):
+    cfg = tat.config_with(**TINY, amp=amp)
+    data = TwoDigitNumbers("train", 8, cfg.canvas)
+    teacher = Classifier(cfg.teacher_backbone, 55, 1).eval().requires_grad_(False)
+    student = tat.build_student("tat+kd", cfg, data, teacher.channels)
+    terms = tat.make_step("tat+kd", cfg, teacher, torch.device("cpu"))(student, [data.images, data.targets], 0)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t) for t in terms.values())
+    seg = tat_seg.config_with(**TINY_SEG, amp=amp)
+    data = DigitSegmentation("train", 4, seg.canvas)
+    teacher = tat_seg.build_net("teacher", seg, data).eval().requires_grad_(False)
+    student = tat_seg.build_student("tat", seg, data)
+    terms = tat_seg.make_step("tat", seg, teacher, torch.device("cpu"))(student, [data.images, data.masks], 0)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t) for t in terms.values())
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="apt-get install dataset-fashion-mnist")
+def test_recipe_on_installed_fashion_mnist(tmp_path, capsys):
+    cli.main(["tat", "--preset", "smoke", "--dataset", "fashion-mnist", "--max-train-samples", "64",
+              "--methods", "tat", "--out-dir", str(tmp_path)])
+    assert "fashion-mnist test set" in capsys.readouterr().out
+    histories = json.loads((tmp_path / "results.json").read_text())["histories"]
+    assert 0 <= histories["tat"][-1]["top1"] <= 100

@@ -69,7 +69,10 @@ class TaTConfig(RunConfig):
                               choices=("onecycle", "constant", "warmup-multistep"))
     lr_milestones: Tuple[int, ...] = option((), "warmup-multistep: epochs after which the lr is x0.1", check=">=1")
     ce_weight: float = option(0.1, "method tat: weight of CE (official 0.1)", check=">=0")
-    tat_weight: float = option(0.2, "method tat: weight of the TaT term (official 0.2)", check=">=0")
+    # official 0.2: TaT at twice CE; from scratch on the built-in data it trails vanilla (seed 0: 32.3 vs 36.0
+    # top-1), while 0.02 (CE : TaT = 5 : 1, the proportion of tat+kd's official 0.5 CE : 0.1 TaT) gains
+    # (44.1); chosen on seed 0. Preset "official-weights" restores 0.2.
+    tat_weight: float = option(0.02, "method tat: weight of the TaT term (official 0.2)", check=">=0")
     kd_ce_weight: float = option(0.5, "methods kd, tat+kd: weight of CE (official 0.5)", check=">=0")
     kd_weight: float = option(0.5, "methods kd, tat+kd: weight of KL(teacher || student) (official 0.5)",
                               check=">=0")
@@ -108,16 +111,17 @@ class TaTConfig(RunConfig):
 
 PRESETS = {
     "default": {},
+    "official-weights": dict(ce_weight=0.1, tat_weight=0.2, kd_ce_weight=0.5, kd_weight=0.5, kd_tat_weight=0.1),
     # The official ImageNet recipe (code, not paper: lr 1.6e-3): ResNet-34 -> ResNet-18 from ImageNet weights
     # (pass --teacher-checkpoint resnet34.pth --student-weights resnet18.pth, local files), AdamW, 100 epochs,
     # x0.1 at 30/60/90, 256 images per GPU (no lr scaling with the world size).
-    "imagenet-official": dict(dataset="imagenet", image_size=224, teacher_backbone="resnet34",
+    "imagenet-official": dict(tat_weight=0.2, dataset="imagenet", image_size=224, teacher_backbone="resnet34",
                               student_backbone="resnet18", optimizer="adamw", lr=1.6e-3, weight_decay=5e-4,
                               student_epochs=100, lr_schedule="warmup-multistep", lr_milestones=(30, 60, 90),
                               batch_size=256),
     # The paper's CIFAR-100 schedule (no official code): SGD 0.05, 240 epochs, x0.1 at 150/180/210; the paper's
     # networks (WRN, CIFAR ResNets) are not in torchvision: small CNNs whose last map is 8 x 8.
-    "cifar100-paper": dict(dataset="cifar100", teacher_backbone="cnn-64-128-256", student_backbone="cnn-32-64-128",
+    "cifar100-paper": dict(tat_weight=0.2, dataset="cifar100", teacher_backbone="cnn-64-128-256", student_backbone="cnn-32-64-128",
                            optimizer="sgd", lr=0.05, weight_decay=5e-4, teacher_epochs=240, student_epochs=240,
                            lr_schedule="warmup-multistep", lr_milestones=(150, 180, 210), batch_size=64),
     "fashion-mnist": dict(dataset="fashion-mnist", teacher_backbone="cnn-32-64-128", student_backbone="cnn-8-16-32",
