@@ -411,3 +411,18 @@ def test_recipe_on_installed_fashion_mnist(tmp_path, capsys):
     assert "fashion-mnist test set" in capsys.readouterr().out
     histories = json.loads((tmp_path / "results.json").read_text())["histories"]
     assert 0 <= histories["tat"][-1]["top1"] <= 100
+
+
+def test_torchvision_pairs_build_and_distil():
+    cfg = tat.config_with(teacher_backbone="resnet34", student_backbone="resnet18")
+
+    class Three:
+        num_classes, in_channels = 10, 3
+    teacher = Classifier("resnet34", 10).eval().requires_grad_(False)
+    student = tat.build_student("tat", cfg, Three, teacher.channels)
+    images = torch.randn(2, 3, 64, 64)
+    logits, feature, term = student(images, teacher(images)[1])
+    assert feature.shape == (2, 512, 2, 2) and student.head.channels == (512, 512) and torch.isfinite(term)
+    for backbone in ("resnet18", "mobilenet_v2"):
+        logits, feature = DeepLabV3Plus(backbone, 21, decoder_channels=16, aspp_channels=16)(torch.randn(2, 3, 65, 65))
+        assert logits.shape == (2, 21, 65, 65) and feature.shape == (2, 16, 17, 17)
