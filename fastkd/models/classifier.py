@@ -2,7 +2,6 @@
 layer; forward returns the logits and the backbone's last feature map (ResNet: layer4), the map TaT distils."""
 from typing import Mapping, Optional, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from fastkd.models.backbones import build_backbone
