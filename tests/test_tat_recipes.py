@@ -426,3 +426,22 @@ def test_torchvision_pairs_build_and_distil():
     for backbone in ("resnet18", "mobilenet_v2"):
         logits, feature = DeepLabV3Plus(backbone, 21, decoder_channels=16, aspp_channels=16)(torch.randn(2, 3, 65, 65))
         assert logits.shape == (2, 21, 65, 65) and feature.shape == (2, 16, 17, 17)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
+def test_segmentation_backbone_from_a_whole_torchvision_weights_file(backbone, tmp_path):
+    import torchvision
+    whole = getattr(torchvision.models, backbone)(num_classes=5).state_dict()
+    torch.save(whole, tmp_path / "weights.pth")
+    cfg = tat_seg.config_with(**{**TINY_SEG, "student_backbone": backbone},
+                              student_backbone_weights=str(tmp_path / "weights.pth"))
+
+    class Three:
+        num_classes, in_channels = 21, 3
+    net = tat_seg.build_net("student", cfg, Three)
+    first = net.low[0].weight if backbone == "resnet18" else net.low[0][0].weight
+    torch.testing.assert_close(first, whole["conv1.weight" if backbone == "resnet18" else "features.0.0.weight"])
+    wrong = tat_seg.config_with(**{**TINY_SEG, "student_backbone": "resnet34"},
+                                student_backbone_weights=str(tmp_path / "weights.pth"))
+    with pytest.raises(tat_seg.ConfigError, match="does not fit --student-backbone resnet34"):
+        tat_seg.build_net("student", wrong, Three)

@@ -21,7 +21,7 @@ from torch import nn
 from fastkd import metrics, reference
 from fastkd.data.digit_numbers import DigitSegmentation, SegmentationCanvasConfig
 from fastkd.data.voc_segmentation import VOCSegmentation2012
-from fastkd.models import DeepLabV3Plus, check_backbone_name
+from fastkd.models import DeepLabV3Plus, check_backbone_name, from_torchvision_resnet
 from fastkd.nn import HierarchicalTaTLoss
 from fastkd.nn.tat import SEGMENTATION_CONFIGS
 from fastkd.recipes import config, distributed, engine, recipe, report
@@ -173,14 +173,29 @@ def load_data(cfg: TaTSegConfig) -> dict:
         raise ConfigError(f"--dataset {cfg.dataset}: {error}") from None
 
 
+def backbone_state(state: dict) -> dict:
+    """A whole torchvision ResNet or MobileNetV2 state_dict (e.g. the ImageNet weights file) cut to the backbone
+    that build_backbone makes (its classifier dropped); any other state_dict as it is."""
+    if "conv1.weight" in state and "fc.weight" in state:
+        return {k.removeprefix("backbone."): v for k, v in from_torchvision_resnet(state).items()
+                if k.startswith("backbone.")}
+    if any(k.startswith("features.") for k in state) and any(k.startswith("classifier.") for k in state):
+        return {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    return state
+
+
 def build_net(role: str, cfg: TaTSegConfig, dataset) -> DeepLabV3Plus:
     weights = getattr(cfg, f"{role}_backbone_weights")
-    state = recipe.load_state_dict(weights, f"--{role}-backbone-weights") if weights else None
+    state = backbone_state(recipe.load_state_dict(weights, f"--{role}-backbone-weights")) if weights else None
     backbone = getattr(cfg, f"{role}_backbone")
     width = getattr(cfg, f"{role}_decoder_channels")
-    return DeepLabV3Plus(backbone, dataset.num_classes, dataset.in_channels, aspp_channels=width,
-                         decoder_channels=width, low_channels=min(48, max(width // 2, 4)), rates=cfg.aspp_rates,
-                         backbone_weights=state)
+    try:
+        return DeepLabV3Plus(backbone, dataset.num_classes, dataset.in_channels, aspp_channels=width,
+                             decoder_channels=width, low_channels=min(48, max(width // 2, 4)),
+                             rates=cfg.aspp_rates, backbone_weights=state)
+    except RuntimeError as error:  # load_state_dict: missing, unexpected or mis-shaped keys
+        raise ConfigError(f"--{role}-backbone-weights {weights} does not fit --{role}-backbone {backbone} "
+                          f"({str(error).splitlines()[0]})") from None
 
 
 def build_student(method: str, cfg: TaTSegConfig, dataset) -> SegStudent:
