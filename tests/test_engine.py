@@ -1,6 +1,7 @@
 """The shared training engine: resume after an interruption (and only with the same settings), named loss terms,
 non-finite guard, accumulation, clipping, evaluation period, TensorBoard, DDP on CPU (buffers, resume, timeout)."""
 import json
+import math
 import os
 import time
 
@@ -279,5 +280,14 @@ def test_iteration_schedules():
         optimizer.step()
         onecycle.step()
     assert peaks[0] == pytest.approx(2.0 / 25) and max(peaks) == pytest.approx(2.0) and peaks[-1] < 0.01
+    for kind, expected in (("cosine", [(1 + math.cos(math.pi * t / 4)) / 2 for t in range(5)]),
+                           ("poly", [(1 - t / 4) ** 0.9 for t in range(5)])):
+        optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
+        decay, rates = lr_schedule(kind, optimizer, 4), []
+        for _ in range(5):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            decay.step()
+        assert rates == pytest.approx(expected)
     with pytest.raises(ValueError, match="schedule must be one of"):
-        lr_schedule("cosine", optimizer, 10)
+        lr_schedule("cyclic", optimizer, 10)

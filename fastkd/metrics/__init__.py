@@ -1,5 +1,7 @@
-"""Multi-label classification metrics (plain torch, any device)."""
+"""Metrics (plain torch, any device): multi-label classification, semantic segmentation."""
 from fastkd.metrics.multilabel import (average_precision, mean_average_precision, mean_over_classes_with_positives,
                                       threshold_scores)
+from fastkd.metrics.segmentation import confusion_matrix, segmentation_scores
 
-__all__ = ["average_precision", "mean_average_precision", "mean_over_classes_with_positives", "threshold_scores"]
+__all__ = ["average_precision", "confusion_matrix", "mean_average_precision", "mean_over_classes_with_positives",
+           "segmentation_scores", "threshold_scores"]

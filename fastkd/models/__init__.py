@@ -1,5 +1,9 @@
-"""Models for the reference recipes: backbones and the ML-Decoder-style label-wise embedding head."""
+"""Models for the reference recipes: backbones, the ML-Decoder-style label-wise embedding head, single-label
+classifiers and a DeepLabV3+-style segmentation network."""
 from fastkd.models.backbones import build_backbone, check_backbone_name, small_cnn
+from fastkd.models.classifier import Classifier, from_torchvision_resnet
+from fastkd.models.deeplab import DeepLabV3Plus
 from fastkd.models.ml_decoder import LabelWiseEmbeddingHead, MultiLabelNet
 
-__all__ = ["LabelWiseEmbeddingHead", "MultiLabelNet", "build_backbone", "check_backbone_name", "small_cnn"]
+__all__ = ["Classifier", "DeepLabV3Plus", "LabelWiseEmbeddingHead", "MultiLabelNet", "build_backbone",
+           "check_backbone_name", "from_torchvision_resnet", "small_cnn"]

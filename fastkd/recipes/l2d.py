@@ -143,11 +143,6 @@ def distillation_terms(cfg: L2DConfig, process_group=None):
             lambda s, t, y: fastkd.led_id_loss(s, t, y, **floor))
 
 
-def _full_precision(*tensors):
-    """Autocast outputs up to float32 before the losses, as the official recipe (float64 stays float64)."""
-    return [x.to(torch.promote_types(x.dtype, torch.float32)) for x in tensors]
-
-
 def make_step(method: str, cfg: L2DConfig, teacher: Optional[torch.nn.Module], device: torch.device,
               process_group=None):
     """step(model, batch, epoch) -> {"bce": ..., "mld": ..., "cd": ..., "id": ...}: the weighted loss terms
@@ -159,13 +154,13 @@ def make_step(method: str, cfg: L2DConfig, teacher: Optional[torch.nn.Module], d
         images, targets = batch
         with autocast(cfg, device):
             logits, embeddings = model(images)
-        logits, embeddings = _full_precision(logits, embeddings)
+        logits, embeddings = recipe.full_precision(logits, embeddings)
         terms = {"bce": F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")}
         if teacher is None or not (use_mld or use_cd or use_id):
             return terms
         with torch.no_grad(), autocast(cfg, device):
             t_logits, t_embeddings = teacher(images)
-        t_logits, t_embeddings = _full_precision(t_logits, t_embeddings)
+        t_logits, t_embeddings = recipe.full_precision(t_logits, t_embeddings)
         if use_mld:
             terms["mld"] = cfg.lambda_mld * mld(logits, t_logits)
         if epoch >= cfg.led_warmup_epochs:

@@ -135,6 +135,11 @@ def load_state_dict(path: str, what: str) -> dict:
     return state.get("model", state) if isinstance(state, dict) else state
 
 
+def full_precision(*tensors: torch.Tensor) -> list:
+    """Autocast outputs up to float32 before the losses, as the official recipes (float64 stays float64)."""
+    return [x.to(torch.promote_types(x.dtype, torch.float32)) for x in tensors]
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     """Eval mode and no gradients: a teacher as the official recipes use it."""
     return model.eval().requires_grad_(False)

@@ -3,7 +3,7 @@ from typing import Optional, Sequence
 
 import torch
 
-SCHEDULES = ("onecycle", "constant", "warmup-multistep")
+SCHEDULES = ("onecycle", "constant", "warmup-multistep", "cosine", "poly")
 
 
 def lr_schedule(kind: str, optimizer: torch.optim.Optimizer, total_steps: int, *, peak_lr: Optional[float] = None,
@@ -27,4 +27,12 @@ def lr_schedule(kind: str, optimizer: torch.optim.Optimizer, total_steps: int, *
             warm = 1.0 if step >= warmup_steps else warmup_factor + (1 - warmup_factor) * step / warmup_steps
             return warm * gamma ** sum(step >= m for m in milestones)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if kind in ("cosine", "poly"):
+        import math
+        total = max(total_steps, 1)
+
+        def decay(step: int) -> float:
+            t = min(step, total) / total
+            return (1 + math.cos(math.pi * t)) / 2 if kind == "cosine" else (1 - t) ** 0.9
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
