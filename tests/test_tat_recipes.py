@@ -279,7 +279,7 @@ def test_each_segmentation_method_trains_and_fastkd_matches_reference(method):
 
 
 def test_segmentation_presets_carry_the_official_settings():
-    from fastkd.nn.tat import SEGMENTATION_CONFIGS
+    from fastkd.nn.tat_attention_loss import SEGMENTATION_CONFIGS
     for preset, name in (("voc-resnet18", "voc_resnet18"), ("voc-mobilenet", "voc_mobilenet"),
                          ("cocostuff-resnet18", "cocostuff_resnet18"),
                          ("cocostuff-mobilenet", "cocostuff_mobilenet")):

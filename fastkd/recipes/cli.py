@@ -15,7 +15,7 @@ RECIPES = {recipe.name: recipe for recipe in (l2d.RECIPE, tat.RECIPE, tat_seg.RE
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastkd-train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fastkd-train", description="Reference training recipes of fastkd.")
     commands = parser.add_subparsers(dest="command", required=True)
     for recipe in RECIPES.values():
         sub = commands.add_parser(recipe.name, help=recipe.help, description=recipe.help)

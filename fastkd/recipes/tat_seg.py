@@ -23,7 +23,7 @@ from fastkd.data.digit_numbers import DigitSegmentation, SegmentationCanvasConfi
 from fastkd.data.voc_segmentation import VOCSegmentation2012
 from fastkd.models import DeepLabV3Plus, check_backbone_name, from_torchvision_resnet
 from fastkd.nn import HierarchicalTaTLoss
-from fastkd.nn.tat import SEGMENTATION_CONFIGS
+from fastkd.nn.tat_attention_loss import SEGMENTATION_CONFIGS
 from fastkd.recipes import config, distributed, engine, recipe, report
 from fastkd.recipes.config import ConfigError, option, results_fields
 from fastkd.recipes.recipe import RunConfig, autocast
