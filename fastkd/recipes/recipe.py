@@ -156,3 +156,29 @@ def predict(model: torch.nn.Module, dataset, ctx: distributed.Context, forward: 
         targets.append(labels.to(ctx.device))
     return (distributed.gather_rows(torch.cat(outputs), ctx).cpu(),
             distributed.gather_rows(torch.cat(targets), ctx).cpu())
+
+
+class StudentWithHead(torch.nn.Module):
+    """A student network and, for the distilling methods, the head that computes its term against the teacher's
+    feature (trained with it, kept in its checkpoint). The term runs in float32 on the full-precision maps, the
+    student's map average-pooled to the teacher's size when they differ; loss_impl="reference" computes it with
+    reference_term(head, student_map, teacher_map) instead of the head's op.
+
+    forward(images, teacher_feature=None) -> (logits, feature, term or None)."""
+
+    def __init__(self, net: torch.nn.Module, head: Optional[torch.nn.Module] = None,
+                 reference_term: Optional[Callable] = None, loss_impl: str = "fastkd"):
+        super().__init__()
+        self.net, self.head, self.reference_term, self.loss_impl = net, head, reference_term, loss_impl
+
+    def forward(self, images, teacher_feature=None):
+        logits, feature = self.net(images)
+        if self.head is None or teacher_feature is None:
+            return logits, feature, None
+        student, teacher = full_precision(feature, teacher_feature.detach())
+        if student.shape[2:] != teacher.shape[2:]:
+            student = torch.nn.functional.adaptive_avg_pool2d(student, teacher.shape[2:])
+        with torch.autocast(images.device.type, enabled=False):
+            if self.loss_impl == "reference":
+                return logits, feature, self.reference_term(self.head, student, teacher)
+            return logits, feature, self.head(student, teacher)

@@ -133,29 +133,6 @@ PRESETS = {
 }
 
 
-class TaTStudent(nn.Module):
-    """A classifier and, for the TaT methods, its TaT head (trained with it; kept in its checkpoint).
-
-    forward(images, teacher_feature=None) -> (logits, feature, TaT term or None)."""
-
-    def __init__(self, net: Classifier, head: Optional[TaTLoss] = None, loss_impl: str = "fastkd"):
-        super().__init__()
-        self.net, self.head, self.loss_impl = net, head, loss_impl
-
-    def forward(self, images, teacher_feature=None):
-        logits, feature = self.net(images)
-        if self.head is None or teacher_feature is None:
-            return logits, feature, None
-        student = recipe.full_precision(feature)[0]
-        teacher = recipe.full_precision(teacher_feature)[0].detach()
-        if student.shape[2:] != teacher.shape[2:]:
-            student = F.adaptive_avg_pool2d(student, teacher.shape[2:])
-        with torch.autocast(images.device.type, enabled=False):  # the head and the TaT term in float32
-            if self.loss_impl == "reference":
-                return logits, feature, reference_tat(self.head, student, teacher)
-            return logits, feature, self.head(student, teacher)
-
-
 def _tokens(x):
     return x.flatten(2).transpose(1, 2)
 
@@ -200,12 +177,12 @@ def load_weights(model: Classifier, path: str, what: str, skip_mismatched_fc: bo
         raise ConfigError(f"{what} {path} does not fit the model's backbone ({str(error).splitlines()[0]})") from None
 
 
-def build_student(method: str, cfg: TaTConfig, dataset, teacher_channels: Optional[int]) -> TaTStudent:
+def build_student(method: str, cfg: TaTConfig, dataset, teacher_channels: Optional[int]) -> recipe.StudentWithHead:
     net = Classifier(cfg.student_backbone, dataset.num_classes, dataset.in_channels)
     head = None
     if METHODS[method][1]:
         head = TaTLoss(net.channels, teacher_channels, roles=cfg.tat_roles)
-    return TaTStudent(net, head, cfg.loss_impl)
+    return recipe.StudentWithHead(net, head, reference_tat, cfg.loss_impl)
 
 
 def kd_loss(logits, teacher_logits, temperature: float):

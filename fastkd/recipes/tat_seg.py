@@ -135,26 +135,6 @@ PRESETS = {
 }
 
 
-class SegStudent(nn.Module):
-    """A DeepLabV3+ student and, for the TaT methods, its hierarchical TaT head.
-
-    forward(images, teacher_feature=None) -> (logits, feature, TaT term or None)."""
-
-    def __init__(self, net: DeepLabV3Plus, head: Optional[HierarchicalTaTLoss] = None, loss_impl: str = "fastkd"):
-        super().__init__()
-        self.net, self.head, self.loss_impl = net, head, loss_impl
-
-    def forward(self, images, teacher_feature=None):
-        logits, feature = self.net(images)
-        if self.head is None or teacher_feature is None:
-            return logits, feature, None
-        student, teacher = recipe.full_precision(feature, teacher_feature.detach())
-        with torch.autocast(images.device.type, enabled=False):  # the head and the TaT terms in float32
-            if self.loss_impl == "reference":
-                return logits, feature, reference_hierarchical(self.head, student, teacher)
-            return logits, feature, self.head(student, teacher)
-
-
 def reference_hierarchical(head: HierarchicalTaTLoss, student, teacher):
     """HierarchicalTaTLoss written out with fastkd.reference (official regroupings, materialised softmax)."""
     maps = (head.query_embed(student), head.key_embed(teacher), head.value_embed(student), teacher)
@@ -198,7 +178,7 @@ def build_net(role: str, cfg: TaTSegConfig, dataset) -> DeepLabV3Plus:
                           f"({str(error).splitlines()[0]})") from None
 
 
-def build_student(method: str, cfg: TaTSegConfig, dataset) -> SegStudent:
+def build_student(method: str, cfg: TaTSegConfig, dataset) -> recipe.StudentWithHead:
     net = build_net("student", cfg, dataset)
     patch, anchor = METHODS[method]
     head = None
@@ -207,7 +187,7 @@ def build_student(method: str, cfg: TaTSegConfig, dataset) -> SegStudent:
         settings["beta"] = settings["beta"] if patch else 0.0
         settings["gamma"] = settings["gamma"] if anchor else 0.0
         head = HierarchicalTaTLoss(net.channels, cfg.teacher_decoder_channels, **settings)
-    return SegStudent(net, head, cfg.loss_impl)
+    return recipe.StudentWithHead(net, head, reference_hierarchical, cfg.loss_impl)
 
 
 def make_step(method: str, cfg: TaTSegConfig, teacher: Optional[nn.Module], device: torch.device,
@@ -253,7 +233,7 @@ def _workers(cfg: TaTSegConfig) -> int:
 
 def make_optimizer(cfg: TaTSegConfig, model: nn.Module):
     """Backbone at --lr, everything else (ASPP, decoder, classifier, TaT head) at --lr x --head-lr-factor."""
-    net = model.net if isinstance(model, SegStudent) else model
+    net = model.net if isinstance(model, recipe.StudentWithHead) else model
     backbone = {id(p) for part in (net.low, net.deep) for p in part.parameters()}
     groups = [{"params": [p for p in model.parameters() if id(p) in backbone], "lr": cfg.lr},
               {"params": [p for p in model.parameters() if id(p) not in backbone], "lr": cfg.lr * cfg.head_lr_factor}]
