@@ -23,6 +23,9 @@ TORCH_LIBRARY(fastkd, m) {
   m.def("binary_kl_div(Tensor student, Tensor teacher, float temperature, str reduction) -> Tensor");
   m.def("binary_kl_div_backward(Tensor grad, Tensor student, Tensor teacher, float temperature, str reduction, "
         "bool teacher_grad) -> Tensor[]");
+  // [loss, its gradients for an upstream gradient of 1] in one pass: the eager CPU path (no CUDA kernel).
+  m.def("binary_kl_div_with_grad(Tensor student, Tensor teacher, float temperature, str reduction, "
+        "bool teacher_grad) -> Tensor[]");
   // LED: masked pairwise Huber over variable-size groups; returns (loss, per-group stats (G, 3)).
   m.def("masked_pairwise_huber(Tensor student, Tensor teacher, Tensor mask, float delta, bool normalize, "
         "str reduction, float mean_floor) -> (Tensor, Tensor)");

@@ -136,6 +136,21 @@ def test_opcheck(device, reduction):
                               (grad, s.detach(), t.detach(), 2.0, reduction, teacher_grad))
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_one_pass_cpu_op_matches_forward_and_backward_ops(reduction):
+    """The eager CPU path's binary_kl_div_with_grad = the forward op and the backward op for an upstream 1."""
+    s, t = make_logits((5, 4, 13), torch.float32, "cpu", scale=20.0)  # |z| up to ~80: every branch
+    shape = s.shape if reduction == "none" else ()
+    for teacher_grad in (False, True):
+        loss, *grads = torch.ops.fastkd.binary_kl_div_with_grad(s, t, 1.5, reduction, teacher_grad)
+        torch.testing.assert_close(loss, torch.ops.fastkd.binary_kl_div(s, t, 1.5, reduction), rtol=1e-6, atol=1e-6)
+        expected = torch.ops.fastkd.binary_kl_div_backward(torch.ones(shape), s, t, 1.5, reduction, teacher_grad)
+        assert len(grads) == len(expected)
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        torch.library.opcheck(torch.ops.fastkd.binary_kl_div_with_grad.default, (s, t, 1.5, reduction, teacher_grad))
+
+
 def test_torch_compile_fullgraph_forward_and_backward(device):
     torch._dynamo.reset()
 

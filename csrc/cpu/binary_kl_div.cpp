@@ -95,9 +95,39 @@ std::vector<at::Tensor> binary_kl_div_backward(const at::Tensor& grad, const at:
   return {ds};
 }
 
+// Loss and gradients for an upstream gradient of 1 in one pass: [loss, dloss/dstudent(, dloss/dteacher)]. The
+// eager autograd path's forward (fastkd/ops/binary_kl_div.py): its backward is then a multiply, since on a CPU
+// recomputing the transcendentals costs more than storing the gradient.
+std::vector<at::Tensor> binary_kl_div_with_grad(const at::Tensor& student, const at::Tensor& teacher,
+                                                double temperature, c10::string_view reduction, bool teacher_grad) {
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "teacher must have the shape of student");
+  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
+  const int64_t n = s.numel();
+  const bool reduce = reduction != "none";
+  const double scale = reduce ? loss_scale(s, reduction) : 1.0;
+  at::Tensor out = reduce ? at::Tensor() : at::empty_like(s);
+  at::Tensor ds = at::empty_like(s), dt = teacher_grad ? at::empty_like(t) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "binary_kl_div_with_grad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> partials(reduce ? (n + kReduceBlock - 1) / kReduceBlock : 0);
+    FASTKD_PICK(forward_with_grad<scalar_t, acc_t>)(
+        s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), n, static_cast<acc_t>(1.0 / temperature),
+        static_cast<acc_t>(scale / temperature), partials.data(), reduce ? nullptr : out.mutable_data_ptr<scalar_t>(),
+        ds.mutable_data_ptr<scalar_t>(), teacher_grad ? dt.mutable_data_ptr<scalar_t>() : nullptr);
+    if (reduce) {
+      double sum = 0;  // fixed order, as in the forward
+      for (acc_t partial : partials) sum += static_cast<double>(partial);
+      out = at::scalar_tensor(sum * scale, s.options());
+    }
+  });
+  if (teacher_grad) return {out, ds, dt};
+  return {out, ds};
+}
+
 }  // namespace fastkd::cpu
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("binary_kl_div", &fastkd::cpu::binary_kl_div_forward);
   m.impl("binary_kl_div_backward", &fastkd::cpu::binary_kl_div_backward);
+  m.impl("binary_kl_div_with_grad", &fastkd::cpu::binary_kl_div_with_grad);
 }

@@ -16,6 +16,9 @@ constexpr int64_t kReduceBlock = 16384;
   template <typename scalar_t, typename acc_t>                                                                  \
   void forward_elementwise(const scalar_t* s, const scalar_t* t, int64_t n, acc_t inv_temperature, scalar_t* out); \
   template <typename scalar_t, typename acc_t>                                                                  \
+  void forward_with_grad(const scalar_t* s, const scalar_t* t, int64_t n, acc_t inv_temperature, acc_t grad_scale, \
+                         acc_t* partials, scalar_t* out, scalar_t* ds, scalar_t* dt);                           \
+  template <typename scalar_t, typename acc_t>                                                                  \
   void backward(const scalar_t* s, const scalar_t* t, const scalar_t* grad, bool grad_is_scalar, int64_t n,     \
                 acc_t inv_temperature, acc_t scale, scalar_t* ds, scalar_t* dt);                                 \
   }

@@ -1,8 +1,10 @@
 // MLD (per-label binary KL) CPU kernels, written once with at::vec and compiled per CPU capability
-// (binary_kl_div_default.cpp, binary_kl_div_avx2.cpp). Same math as fastkd/kernels/binary_kl_div_triton.py:
-//   a = z_s / T, b = z_t / T, sp(x) = log1p(exp(-|x|)), p_t = sigmoid(b)
-//   kl = p_t ((min(b,0) - min(a,0)) - (sp(b) - sp(a))) + (1 - p_t) ((max(a,0) - max(b,0)) - (sp(b) - sp(a)))
-//   dkl/da = sigmoid(a) - sigmoid(b),  dkl/db = sigmoid(b) sigmoid(-b) (b - a)
+// (binary_kl_div_default.cpp, binary_kl_div_avx2.cpp). The math of fastkd/kernels/binary_kl_div_triton.py in a
+// form with one log1p (the CPU is compute-bound on Sleef's exp/log1p, the GPU on memory):
+//   a = z_s / T, b = z_t / T, e_x = exp(-|x|), r_x = 1 / (1 + e_x)
+//   kl = max(c, 0) + e_b r_b d + log1p((e_a - e_b) r_b),  (c, d) = (-a, a - b) if b >= 0 else (a, b - a)
+//     (= p_t (b - a) + sp(a) - sp(b) with sp = softplus, arranged so that no two large terms cancel)
+//   dkl/da = sigmoid(a) - sigmoid(b),  dkl/db = sigmoid(b) sigmoid(-b) (b - a) = e_b r_b^2 (b - a)
 // Include only from a file that has defined CPU_CAPABILITY (the namespace keeps builds apart).
 #pragma once
 
@@ -37,16 +39,21 @@ inline Vec<acc_t> exp_neg_abs(const Vec<acc_t>& x) {
   return x.abs().neg().exp();
 }
 
+// kl from a, b and their e_a, e_b, r_b (header formula).
+template <typename acc_t>
+inline Vec<acc_t> binary_kl(const Vec<acc_t>& a, const Vec<acc_t>& b, const Vec<acc_t>& e_a, const Vec<acc_t>& e_b,
+                            const Vec<acc_t>& r_b) {
+  const Vec<acc_t> zero(0);
+  const Vec<acc_t> nonneg = b >= zero;
+  const Vec<acc_t> c = Vec<acc_t>::blendv(a, a.neg(), nonneg);
+  const Vec<acc_t> d = Vec<acc_t>::blendv(b - a, a - b, nonneg);
+  return at::vec::maximum(c, zero) + e_b * r_b * d + ((e_a - e_b) * r_b).log1p();
+}
+
 template <typename acc_t>
 inline Vec<acc_t> binary_kl(const Vec<acc_t>& a, const Vec<acc_t>& b) {
-  const Vec<acc_t> zero(0);
   const Vec<acc_t> e_b = exp_neg_abs(b);
-  const Vec<acc_t> d_sp = e_b.log1p() - exp_neg_abs(a).log1p();
-  const Vec<acc_t> d_pos = (at::vec::minimum(b, zero) - at::vec::minimum(a, zero)) - d_sp;
-  const Vec<acc_t> d_neg = (at::vec::maximum(a, zero) - at::vec::maximum(b, zero)) - d_sp;
-  Vec<acc_t> p_t, q_t;
-  sigmoid_pair(b, e_b, p_t, q_t);
-  return p_t * d_pos + q_t * d_neg;
+  return binary_kl(a, b, exp_neg_abs(a), e_b, Vec<acc_t>(1) / (Vec<acc_t>(1) + e_b));
 }
 
 // Copy up to kChunk elements of scalar_t into acc_t (a no-op pointer pass for acc_t inputs).
@@ -79,6 +86,27 @@ inline void for_each_vector(const scalar_t* s, const scalar_t* t, acc_t inv_temp
   }
 }
 
+template <typename acc_t>
+inline acc_t sum_lanes(const Vec<acc_t>& v) {
+  alignas(64) acc_t lanes[Vec<acc_t>::size()];
+  v.store(lanes);
+  acc_t sum = 0;
+  for (int64_t i = 0; i < Vec<acc_t>::size(); ++i) sum += lanes[i];
+  return sum;
+}
+
+// Stores the first `count` lanes of v into dst, converted to scalar_t.
+template <typename scalar_t, typename acc_t>
+inline void store(const Vec<acc_t>& v, scalar_t* dst, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    v.store(dst, count);
+  } else {
+    alignas(64) acc_t lanes[Vec<acc_t>::size()];
+    v.store(lanes, count);
+    for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<scalar_t>(lanes[i]);
+  }
+}
+
 // Sum of kl over each kBlock-sized block of n elements into partials[ceil(n / kBlock)].
 template <typename scalar_t, typename acc_t>
 void forward_block_sums(const scalar_t* s, const scalar_t* t, int64_t n, acc_t inv_temperature, acc_t* partials) {
@@ -88,11 +116,7 @@ void forward_block_sums(const scalar_t* s, const scalar_t* t, int64_t n, acc_t i
       Vec<acc_t> acc(0);
       for_each_vector(s, t, inv_temperature, block * kBlock, std::min(n, (block + 1) * kBlock),
                       [&](const Vec<acc_t>& a, const Vec<acc_t>& b, int64_t, int64_t) { acc += binary_kl(a, b); });
-      alignas(64) acc_t lanes[Vec<acc_t>::size()];
-      acc.store(lanes);
-      acc_t sum = 0;
-      for (int64_t i = 0; i < Vec<acc_t>::size(); ++i) sum += lanes[i];
-      partials[block] = sum;
+      partials[block] = sum_lanes(acc);
     }
   });
 }
@@ -100,12 +124,41 @@ void forward_block_sums(const scalar_t* s, const scalar_t* t, int64_t n, acc_t i
 template <typename scalar_t, typename acc_t>
 void forward_elementwise(const scalar_t* s, const scalar_t* t, int64_t n, acc_t inv_temperature, scalar_t* out) {
   at::parallel_for(0, n, kBlock, [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t lanes[Vec<acc_t>::size()];
     for_each_vector(s, t, inv_temperature, begin, end,
                     [&](const Vec<acc_t>& a, const Vec<acc_t>& b, int64_t offset, int64_t count) {
-                      binary_kl(a, b).store(lanes, count);
-                      for (int64_t i = 0; i < count; ++i) out[offset + i] = static_cast<scalar_t>(lanes[i]);
+                      store(binary_kl(a, b), out + offset, count);
                     });
+  });
+}
+
+// One pass for the eager autograd path: kl (per element into out, or summed per kBlock block into partials when
+// out is nullptr), ds = grad_scale dkl/da and, unless dt is nullptr, dt = grad_scale dkl/db. Padded lanes have
+// a = b = 0, where kl = 0.
+template <typename scalar_t, typename acc_t>
+void forward_with_grad(const scalar_t* s, const scalar_t* t, int64_t n, acc_t inv_temperature, acc_t grad_scale,
+                       acc_t* partials, scalar_t* out, scalar_t* ds, scalar_t* dt) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    const Vec<acc_t> zero(0), one(1), g(grad_scale);
+    for (int64_t block = first; block < last; ++block) {
+      Vec<acc_t> acc(0);
+      for_each_vector(s, t, inv_temperature, block * kBlock, std::min(n, (block + 1) * kBlock),
+                      [&](const Vec<acc_t>& a, const Vec<acc_t>& b, int64_t offset, int64_t count) {
+                        const Vec<acc_t> e_a = exp_neg_abs(a), e_b = exp_neg_abs(b);
+                        const Vec<acc_t> r_a = one / (one + e_a), r_b = one / (one + e_b);
+                        const Vec<acc_t> kl = binary_kl(a, b, e_a, e_b, r_b);
+                        if (out != nullptr) {
+                          store(kl, out + offset, count);
+                        } else {
+                          acc += kl;
+                        }
+                        const Vec<acc_t> sig_a = Vec<acc_t>::blendv(e_a * r_a, r_a, a >= zero);
+                        const Vec<acc_t> sig_b = Vec<acc_t>::blendv(e_b * r_b, r_b, b >= zero);
+                        store(g * (sig_a - sig_b), ds + offset, count);
+                        if (dt != nullptr) store(g * e_b * r_b * r_b * (b - a), dt + offset, count);
+                      });
+      if (out == nullptr) partials[block] = sum_lanes(acc);
+    }
   });
 }
 
@@ -115,7 +168,6 @@ template <typename scalar_t, typename acc_t>
 void backward(const scalar_t* s, const scalar_t* t, const scalar_t* grad, bool grad_is_scalar, int64_t n,
               acc_t inv_temperature, acc_t scale, scalar_t* ds, scalar_t* dt) {
   at::parallel_for(0, n, kBlock, [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t lanes[Vec<acc_t>::size()];
     alignas(64) acc_t g_buf[Vec<acc_t>::size()];
     const Vec<acc_t> g_scalar(grad_is_scalar ? static_cast<acc_t>(grad[0]) * scale : acc_t(0));
     for_each_vector(s, t, inv_temperature, begin, end,
@@ -128,12 +180,8 @@ void backward(const scalar_t* s, const scalar_t* t, const scalar_t* grad, bool g
                       Vec<acc_t> sig_a, unused, sig_b, sig_nb;
                       sigmoid_pair(a, exp_neg_abs(a), sig_a, unused);
                       sigmoid_pair(b, exp_neg_abs(b), sig_b, sig_nb);
-                      (g * (sig_a - sig_b)).store(lanes, count);
-                      for (int64_t i = 0; i < count; ++i) ds[offset + i] = static_cast<scalar_t>(lanes[i]);
-                      if (dt != nullptr) {
-                        (g * sig_b * sig_nb * (b - a)).store(lanes, count);
-                        for (int64_t i = 0; i < count; ++i) dt[offset + i] = static_cast<scalar_t>(lanes[i]);
-                      }
+                      store(g * (sig_a - sig_b), ds + offset, count);
+                      if (dt != nullptr) store(g * sig_b * sig_nb * (b - a), dt + offset, count);
                     });
   });
 }
@@ -146,6 +194,8 @@ void backward(const scalar_t* s, const scalar_t* t, const scalar_t* grad, bool g
                                                                                  int64_t, acc_t, acc_t*);      \
   template void fastkd::cpu::CPU_CAPABILITY::forward_elementwise<scalar_t, acc_t>(                             \
       const scalar_t*, const scalar_t*, int64_t, acc_t, scalar_t*);                                            \
+  template void fastkd::cpu::CPU_CAPABILITY::forward_with_grad<scalar_t, acc_t>(                               \
+      const scalar_t*, const scalar_t*, int64_t, acc_t, acc_t, acc_t*, scalar_t*, scalar_t*, scalar_t*);     \
   template void fastkd::cpu::CPU_CAPABILITY::backward<scalar_t, acc_t>(                                        \
       const scalar_t*, const scalar_t*, const scalar_t*, bool, int64_t, acc_t, acc_t, scalar_t*, scalar_t*);
 

@@ -149,19 +149,23 @@ at::Tensor masked_pairwise_huber_backward(const at::Tensor& grad, const at::Tens
                                           const at::Tensor& stats_in, double delta, c10::string_view reduction) {
   const at::Tensor student = unit_last_stride(student_in), teacher = unit_last_stride(teacher_in);
   const at::Tensor mask = mask_in.to(at::kBool);
-  const at::Tensor stats = stats_in.to(at::kDouble).contiguous();
   const int64_t G = student.size(0), D = student.size(2);
+  // the stats come from the forward in the accumulation dtype, the upstream gradient is a scalar or (G,): both
+  // read in place (no conversion ops: at the papers' sizes each costs as much as the kernel)
+  const auto acc_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor stats = stats_in.to(acc_type).contiguous();
+  const at::Tensor upstream_in = grad.to(acc_type).contiguous();
+  const bool grad_is_scalar = upstream_in.numel() == 1;
   std::vector<int64_t> counts(G);
   for (int64_t g = 0; g < G; ++g) counts[g] = static_cast<int64_t>(members(mask, g).size());
   const std::vector<double> scale = group_scales(counts, reduction);
-  const at::Tensor g_in = grad.to(at::kDouble).expand({G}).contiguous();
   at::Tensor out = at::zeros_like(student_in);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "masked_pairwise_huber_backward",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Rows<scalar_t> s_rows(student), t_rows(teacher);
-    const double* st = stats.const_data_ptr<double>();
-    const double* upstream = g_in.const_data_ptr<double>();
+    const acc_t* st = stats.const_data_ptr<acc_t>();
+    const acc_t* upstream = upstream_in.const_data_ptr<acc_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, G, grain(student, teacher), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc;
@@ -169,9 +173,9 @@ at::Tensor masked_pairwise_huber_backward(const at::Tensor& grad, const at::Tens
         const std::vector<int64_t> idx = members(mask, g);
         const int64_t n = static_cast<int64_t>(idx.size());
         if (n < 2 || scale[g] == 0) continue;
-        const acc_t m_s = static_cast<acc_t>(st[3 * g]), m_t = static_cast<acc_t>(st[3 * g + 1]);
-        const acc_t coef = static_cast<acc_t>(st[3 * g + 2]);
-        const acc_t w = static_cast<acc_t>(2 * upstream[g] * scale[g]);  // 2: the pairs (i, j) and (j, i)
+        const acc_t m_s = st[3 * g], m_t = st[3 * g + 1], coef = st[3 * g + 2];
+        const double upstream_g = static_cast<double>(upstream[grad_is_scalar ? 0 : g]);
+        const acc_t w = static_cast<acc_t>(2 * upstream_g * scale[g]);  // 2: the pairs (i, j) and (j, i)
         acc.assign(n * D, acc_t(0));
         for (int64_t i = 0; i < n; ++i) {
           for (int64_t j = i + 1; j < n; ++j) {

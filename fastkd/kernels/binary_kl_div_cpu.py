@@ -6,6 +6,7 @@ import torch
 _CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 _FORWARD = torch.ops.fastkd.binary_kl_div.default
 _BACKWARD = torch.ops.fastkd.binary_kl_div_backward.default
+_WITH_GRAD = torch.ops.fastkd.binary_kl_div_with_grad.default
 
 
 def binary_kl_div_forward(student, teacher, temperature: float, reduction: str):
@@ -14,3 +15,8 @@ def binary_kl_div_forward(student, teacher, temperature: float, reduction: str):
 
 def binary_kl_div_backward(grad, student, teacher, temperature: float, reduction: str, teacher_grad: bool):
     return _BACKWARD.redispatch(_CPU, grad, student, teacher, temperature, reduction, teacher_grad)
+
+
+def binary_kl_div_with_grad(student, teacher, temperature: float, reduction: str, teacher_grad: bool):
+    """[loss, d loss/d student(, d loss/d teacher)] for an upstream gradient of 1, in one pass (CPU only)."""
+    return _WITH_GRAD.redispatch(_CPU, student, teacher, temperature, reduction, teacher_grad)

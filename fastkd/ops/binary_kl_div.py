@@ -1,5 +1,8 @@
 """``fastkd::binary_kl_div`` (MLD): fake and autograd kernels, the Triton kernel for CUDA (CPU: C++), and the eager
-entry point. Host syncs: none (the upstream gradient is read inside the kernels)."""
+entry point. On CPU the eager forward also computes the gradient (``fastkd::binary_kl_div_with_grad``, one pass:
+the CPU is compute-bound on exp/log1p, so storing the gradient beats recomputing it) and the backward multiplies;
+on CUDA the backward kernel recomputes it (memory-bound: both move 5n elements). Host syncs: none (the upstream
+gradient is read inside the kernels)."""
 import torch
 
 from fastkd._extension import EXTENSION_ERROR
@@ -14,6 +17,11 @@ def _fake(student, teacher, temperature, reduction):
 
 def _backward_fake(grad, student, teacher, temperature, reduction, teacher_grad):
     return [torch.empty_like(student), torch.empty_like(teacher)] if teacher_grad else [torch.empty_like(student)]
+
+
+def _with_grad_fake(student, teacher, temperature, reduction, teacher_grad):
+    return [_fake(student, teacher, temperature, reduction)] + _backward_fake(None, student, teacher, temperature,
+                                                                               reduction, teacher_grad)
 
 
 def _setup_context(ctx, inputs, output):
@@ -35,12 +43,23 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, temperature, reduction):
-        _setup_context(ctx, (student, teacher, temperature, reduction), None)
-        return kernels(FAMILY, student).binary_kl_div_forward(student, teacher, temperature, reduction)
+        k = kernels(FAMILY, student)
+        with_grad = getattr(k, "binary_kl_div_with_grad", None)  # the CPU kernels have it
+        if with_grad is None:
+            _setup_context(ctx, (student, teacher, temperature, reduction), None)
+            ctx.stored_grads = False
+            return k.binary_kl_div_forward(student, teacher, temperature, reduction)
+        loss, *grads = with_grad(student, teacher, temperature, reduction, ctx.needs_input_grad[1])
+        ctx.save_for_backward(*grads)
+        ctx.stored_grads = True
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
-        return _grads(ctx, grad, kernels(FAMILY, grad).binary_kl_div_backward)
+        if not ctx.stored_grads:
+            return _grads(ctx, grad, kernels(FAMILY, grad).binary_kl_div_backward)
+        grads = [torch.mul(g, grad) for g in ctx.saved_tensors]
+        return grads[0], (grads[1] if len(grads) > 1 else None), None, None
 
 
 def binary_kl_div(student, teacher, temperature: float, reduction: str):
@@ -56,6 +75,7 @@ def binary_kl_div(student, teacher, temperature: float, reduction: str):
 if EXTENSION_ERROR is None:  # the schemas come with fastkd._C
     torch.library.register_fake("fastkd::binary_kl_div", _fake)
     torch.library.register_fake("fastkd::binary_kl_div_backward", _backward_fake)
+    torch.library.register_fake("fastkd::binary_kl_div_with_grad", _with_grad_fake)
     torch.library.register_autograd("fastkd::binary_kl_div",
                                     lambda ctx, grad: _grads(ctx, grad, torch.ops.fastkd.binary_kl_div_backward),
                                     setup_context=_setup_context)

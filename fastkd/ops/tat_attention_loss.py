@@ -61,19 +61,37 @@ def _setup_context(ctx, inputs, output):
 
 
 class _Eager(torch.autograd.Function):
-    """Eager autograd: the device kernels called directly, one Python boundary per direction."""
+    """Eager autograd: the device kernels called directly, one Python boundary per direction. The CPU kernels
+    compute the gradients in the forward (`tat_forward_with_grad`; the backward scales them by w_b), the Triton
+    kernels in the backward from lse and rowdot."""
 
     @staticmethod
     def forward(ctx, query, key, value, target, scale, reduction):
-        loss, lse, rowdot, residual = _forward(kernels(FAMILY, query), query, key, value, target, scale, reduction,
-                                               True)
+        k = kernels(FAMILY, query)
         ctx.scale, ctx.reduction = scale, reduction
-        ctx.save_for_backward(query, key, value, residual, lse, rowdot)
-        return loss
+        with_grad = getattr(k, "tat_forward_with_grad", None)  # the CPU kernels have it
+        if with_grad is None:
+            loss, lse, rowdot, residual = _forward(k, query, key, value, target, scale, reduction, True)
+            ctx.save_for_backward(query, key, value, residual, lse, rowdot)
+            ctx.stored_grads = False
+            return loss
+        losses, *grads = with_grad(query, key, value, target, scale, ctx.needs_input_grad[3])
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        ctx.stored_grads, ctx.target_shape = True, target.shape
+        ctx.dtypes = (query.dtype, key.dtype, value.dtype, target.dtype)
+        loss = losses if reduction == "none" else losses.sum() * loss_scale(target.shape, reduction)
+        return loss.to(query.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return _grads(ctx, grad, lambda *args: _backward(kernels(FAMILY, grad), *args))[:6]
+        if not ctx.stored_grads:
+            return _grads(ctx, grad, lambda *args: _backward(kernels(FAMILY, grad), *args))[:6]
+        grads = ctx.saved_tensors
+        weight = (2 * loss_scale(ctx.target_shape, ctx.reduction) * grad).to(grads[0].dtype).reshape(-1, 1, 1)
+        scaled = [(g * weight).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]  # dL/dO_b = w_b E_b
+        if len(scaled) == 4:  # d loss / d target = -w_b E
+            scaled[3] = scaled[3].neg_()
+        return (*scaled[:3], scaled[3] if len(scaled) == 4 else None, None, None)
 
 
 def tat_attention_loss(query, key, value, target, scale: float, reduction: str):
