@@ -31,6 +31,9 @@ TORCH_LIBRARY(fastkd, m) {
         "str reduction, float mean_floor) -> (Tensor, Tensor)");
   m.def("masked_pairwise_huber_backward(Tensor grad, Tensor student, Tensor teacher, Tensor mask, Tensor stats, "
         "float delta, str reduction) -> Tensor");
+  // (loss, stats, d loss / d student for an upstream gradient of 1) in one pass: the eager CPU path (no CUDA kernel).
+  m.def("masked_pairwise_huber_with_grad(Tensor student, Tensor teacher, Tensor mask, float delta, bool normalize, "
+        "str reduction, float mean_floor) -> (Tensor, Tensor, Tensor)");
   // TaT: softmax(scale q k^T) v fused with its MSE; returns (loss, lse, rowdot, residual).
   m.def("tat_attention_loss(Tensor query, Tensor key, Tensor value, Tensor target, float scale, str reduction, "
         "bool save_residual) -> (Tensor, Tensor, Tensor, Tensor)");

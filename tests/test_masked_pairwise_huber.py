@@ -133,6 +133,25 @@ def test_opcheck(device):
                           (torch.randn(3, device=device), student.detach(), teacher, mask, stats, 1.0, "none"))
 
 
+@pytest.mark.parametrize("reduction", ["official", "sum", "mean", "none"])
+def test_one_pass_cpu_op_matches_forward_and_backward_ops(reduction):
+    """The eager CPU path's masked_pairwise_huber_with_grad = the forward op and the backward op for an upstream 1."""
+    student, teacher, mask = make_inputs((4, 9, 5, 6), torch.float32, "cpu", 0.6)
+    student[0, 1] = student[0, 2]  # a clamped pair: no gradient through the clamp
+    mask[0, 1:3] = True
+    loss, stats, grad = torch.ops.fastkd.masked_pairwise_huber_with_grad(student, teacher, mask, 1.0, True, reduction,
+                                                                         0.0)
+    expected_loss, expected_stats = torch.ops.fastkd.masked_pairwise_huber(student, teacher, mask, 1.0, True,
+                                                                           reduction, 0.0)
+    assert torch.equal(loss, expected_loss) and torch.equal(stats, expected_stats)
+    upstream = torch.ones(4 if reduction == "none" else ())
+    expected = torch.ops.fastkd.masked_pairwise_huber_backward(upstream, student, teacher, mask, stats, 1.0, reduction)
+    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-7)
+    assert grad.abs().sum() > 0 and torch.all(grad[~mask] == 0)
+    torch.library.opcheck(torch.ops.fastkd.masked_pairwise_huber_with_grad.default,
+                          (student, teacher, mask, 1.0, True, reduction, 0.0))
+
+
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
 

@@ -79,26 +79,73 @@ int64_t grain(const at::Tensor& student, const at::Tensor& teacher) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> masked_pairwise_huber(const at::Tensor& student_in, const at::Tensor& teacher_in,
-                                                          const at::Tensor& mask_in, double delta, bool normalize,
-                                                          c10::string_view reduction, double mean_floor) {
+namespace {
+
+// Adds w (slope(D_s / m_s - D_t / m_t) - c) / (m_s D_s) (x_i - x_j) to row i and subtracts it from row j, over the
+// unordered pairs of one group's members idx (the gradient of the group's loss times w / 2), into acc (n x D).
+template <typename scalar_t, typename acc_t>
+void add_group_gradient(const Rows<scalar_t>& s_rows, const Rows<scalar_t>& t_rows, int64_t g,
+                        const std::vector<int64_t>& idx, acc_t m_s, acc_t m_t, acc_t coef, acc_t w, double delta,
+                        std::vector<acc_t>& acc) {
+  const int64_t n = static_cast<int64_t>(idx.size()), D = s_rows.dim;
+  acc.assign(n * D, acc_t(0));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = i + 1; j < n; ++j) {
+      const acc_t d2 = s_rows.template squared_distance<acc_t>(g, idx[i], idx[j]);
+      if (d2 < acc_t(kClamp)) continue;  // no gradient through the clamp
+      const acc_t d_s = std::sqrt(d2);
+      const acc_t d_t = std::sqrt(std::max(t_rows.template squared_distance<acc_t>(g, idx[i], idx[j]), acc_t(kClamp)));
+      const acc_t weight = w * (huber_slope(d_s / m_s - d_t / m_t, delta) - coef) / (m_s * d_s);
+      const scalar_t* x_i = s_rows.row(g, idx[i]);
+      const scalar_t* x_j = s_rows.row(g, idx[j]);
+      for (int64_t d = 0; d < D; ++d) {
+        const acc_t diff = weight * (static_cast<acc_t>(x_i[d]) - static_cast<acc_t>(x_j[d]));
+        acc[i * D + d] += diff;
+        acc[j * D + d] -= diff;
+      }
+    }
+  }
+}
+
+// Writes a group's gradient rows (acc, n x D) to its members' rows of out.
+template <typename scalar_t, typename acc_t>
+void store_group_gradient(const std::vector<acc_t>& acc, const std::vector<int64_t>& idx, int64_t g, int64_t D,
+                          at::Tensor& out) {
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  for (size_t i = 0; i < idx.size(); ++i) {
+    scalar_t* row = o + g * out.stride(0) + idx[i] * out.stride(1);
+    for (int64_t d = 0; d < D; ++d) row[d * out.stride(2)] = static_cast<scalar_t>(acc[i * D + d]);
+  }
+}
+
+std::vector<int64_t> member_counts(const at::Tensor& mask) {
+  std::vector<int64_t> counts(mask.size(0));
+  for (int64_t g = 0; g < mask.size(0); ++g) counts[g] = static_cast<int64_t>(members(mask, g).size());
+  return counts;
+}
+
+// (loss, stats (G, 3) [m_s, m_t, c]) and, when with_grad, d loss / d student for an upstream gradient of 1
+// (zeros outside the groups' members) in the same pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& student_in, const at::Tensor& teacher_in,
+                                                       const at::Tensor& mask_in, double delta, bool normalize,
+                                                       c10::string_view reduction, double mean_floor, bool with_grad) {
   const at::Tensor student = unit_last_stride(student_in), teacher = unit_last_stride(teacher_in);
   const at::Tensor mask = mask_in.to(at::kBool);
-  const int64_t G = student.size(0);
+  const int64_t G = student.size(0), D = student.size(2);
   const auto acc_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor stats = at::empty({G, 3}, student.options().dtype(acc_type));
+  at::Tensor grad = with_grad ? at::zeros_like(student_in) : at::Tensor();
   std::vector<double> losses(G);
-  std::vector<int64_t> counts(G);
+  const std::vector<double> scale = group_scales(member_counts(mask), reduction);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "masked_pairwise_huber", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Rows<scalar_t> s_rows(student), t_rows(teacher);
     acc_t* st = stats.mutable_data_ptr<acc_t>();
     at::parallel_for(0, G, grain(student, teacher), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> d_s, d_t;
+      std::vector<acc_t> d_s, d_t, acc;
       for (int64_t g = begin; g < end; ++g) {
         const std::vector<int64_t> idx = members(mask, g);
         const int64_t n = static_cast<int64_t>(idx.size());
-        counts[g] = n;
         d_s.clear();
         d_t.clear();
         acc_t sum_s = 0, sum_t = 0;
@@ -129,19 +176,40 @@ std::tuple<at::Tensor, at::Tensor> masked_pairwise_huber(const at::Tensor& stude
         st[3 * g] = m_s;
         st[3 * g + 1] = m_t;
         st[3 * g + 2] = mean_in_graph ? slope_ds / std::max(sum_s, acc_t(1e-30)) : acc_t(0);
+        if (with_grad && n >= 2 && scale[g] != 0) {  // 2: the pairs (i, j) and (j, i)
+          add_group_gradient(s_rows, t_rows, g, idx, m_s, m_t, st[3 * g + 2], static_cast<acc_t>(2 * scale[g]),
+                             delta, acc);
+          store_group_gradient<scalar_t>(acc, idx, g, D, grad);
+        }
       }
     });
   });
-  const std::vector<double> scale = group_scales(counts, reduction);
   if (reduction == "none") {
     at::Tensor out = at::empty({G}, at::kDouble);
     double* o = out.mutable_data_ptr<double>();
     for (int64_t g = 0; g < G; ++g) o[g] = losses[g] * scale[g];
-    return {out.to(student.scalar_type()), stats};
+    return {out.to(student.scalar_type()), stats, grad};
   }
   double total = 0;  // fixed order
   for (int64_t g = 0; g < G; ++g) total += losses[g] * scale[g];
-  return {at::scalar_tensor(total, student.options()), stats};
+  return {at::scalar_tensor(total, student.options()), stats, grad};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> masked_pairwise_huber(const at::Tensor& student, const at::Tensor& teacher,
+                                                          const at::Tensor& mask, double delta, bool normalize,
+                                                          c10::string_view reduction, double mean_floor) {
+  auto [loss, stats, unused] = forward(student, teacher, mask, delta, normalize, reduction, mean_floor, false);
+  return {loss, stats};
+}
+
+// Loss, stats and the student's gradient for an upstream gradient of 1, in one pass: the eager CPU path's forward
+// (its backward then multiplies; fastkd/ops/masked_pairwise_huber.py).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_pairwise_huber_with_grad(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& mask, double delta, bool normalize,
+    c10::string_view reduction, double mean_floor) {
+  return forward(student, teacher, mask, delta, normalize, reduction, mean_floor, true);
 }
 
 at::Tensor masked_pairwise_huber_backward(const at::Tensor& grad, const at::Tensor& student_in,
@@ -156,9 +224,7 @@ at::Tensor masked_pairwise_huber_backward(const at::Tensor& grad, const at::Tens
   const at::Tensor stats = stats_in.to(acc_type).contiguous();
   const at::Tensor upstream_in = grad.to(acc_type).contiguous();
   const bool grad_is_scalar = upstream_in.numel() == 1;
-  std::vector<int64_t> counts(G);
-  for (int64_t g = 0; g < G; ++g) counts[g] = static_cast<int64_t>(members(mask, g).size());
-  const std::vector<double> scale = group_scales(counts, reduction);
+  const std::vector<double> scale = group_scales(member_counts(mask), reduction);
   at::Tensor out = at::zeros_like(student_in);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "masked_pairwise_huber_backward",
                                   [&] {
@@ -166,37 +232,15 @@ at::Tensor masked_pairwise_huber_backward(const at::Tensor& grad, const at::Tens
     const Rows<scalar_t> s_rows(student), t_rows(teacher);
     const acc_t* st = stats.const_data_ptr<acc_t>();
     const acc_t* upstream = upstream_in.const_data_ptr<acc_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, G, grain(student, teacher), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc;
       for (int64_t g = begin; g < end; ++g) {
         const std::vector<int64_t> idx = members(mask, g);
-        const int64_t n = static_cast<int64_t>(idx.size());
-        if (n < 2 || scale[g] == 0) continue;
-        const acc_t m_s = st[3 * g], m_t = st[3 * g + 1], coef = st[3 * g + 2];
+        if (idx.size() < 2 || scale[g] == 0) continue;
         const double upstream_g = static_cast<double>(upstream[grad_is_scalar ? 0 : g]);
-        const acc_t w = static_cast<acc_t>(2 * upstream_g * scale[g]);  // 2: the pairs (i, j) and (j, i)
-        acc.assign(n * D, acc_t(0));
-        for (int64_t i = 0; i < n; ++i) {
-          for (int64_t j = i + 1; j < n; ++j) {
-            const acc_t d2 = s_rows.template squared_distance<acc_t>(g, idx[i], idx[j]);
-            if (d2 < acc_t(kClamp)) continue;  // no gradient through the clamp
-            const acc_t d_s = std::sqrt(d2);
-            const acc_t d_t = std::sqrt(std::max(t_rows.template squared_distance<acc_t>(g, idx[i], idx[j]), acc_t(kClamp)));
-            const acc_t weight = w * (huber_slope(d_s / m_s - d_t / m_t, delta) - coef) / (m_s * d_s);
-            const scalar_t* x_i = s_rows.row(g, idx[i]);
-            const scalar_t* x_j = s_rows.row(g, idx[j]);
-            for (int64_t d = 0; d < D; ++d) {
-              const acc_t diff = weight * (static_cast<acc_t>(x_i[d]) - static_cast<acc_t>(x_j[d]));
-              acc[i * D + d] += diff;
-              acc[j * D + d] -= diff;
-            }
-          }
-        }
-        for (int64_t i = 0; i < n; ++i) {
-          scalar_t* row = o + g * out.stride(0) + idx[i] * out.stride(1);
-          for (int64_t d = 0; d < D; ++d) row[d * out.stride(2)] = static_cast<scalar_t>(acc[i * D + d]);
-        }
+        add_group_gradient(s_rows, t_rows, g, idx, st[3 * g], st[3 * g + 1], st[3 * g + 2],
+                           static_cast<acc_t>(2 * upstream_g * scale[g]), delta, acc);  // 2: (i, j) and (j, i)
+        store_group_gradient<scalar_t>(acc, idx, g, D, out);
       }
     });
   });
@@ -208,4 +252,5 @@ at::Tensor masked_pairwise_huber_backward(const at::Tensor& grad, const at::Tens
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("masked_pairwise_huber", &fastkd::cpu::masked_pairwise_huber);
   m.impl("masked_pairwise_huber_backward", &fastkd::cpu::masked_pairwise_huber_backward);
+  m.impl("masked_pairwise_huber_with_grad", &fastkd::cpu::masked_pairwise_huber_with_grad);
 }

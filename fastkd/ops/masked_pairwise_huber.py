@@ -5,6 +5,8 @@ The op returns (loss, per-group stats [m_s, m_t, c] (G, 3)): the stats are all t
 inputs. Host syncs: on CUDA one, in the packing of the groups (the largest group size and the number of query
 members size the grid, like max_seqlen in variable-length attention); the eager backward reuses the forward's
 packing, the registered backward op (torch.compile) packs again. On CPU none. Over DDP one more: the ranks' sizes.
+On CPU the eager forward also computes the student's gradient (``fastkd::masked_pairwise_huber_with_grad``, the
+pairs visited once) and the backward multiplies by the upstream gradient.
 """
 import torch
 import torch.distributed as dist
@@ -24,6 +26,10 @@ def _fake(student, teacher, mask, delta, normalize, reduction, mean_floor):
 
 def _backward_fake(grad, student, teacher, mask, stats, delta, reduction):
     return torch.empty_like(student)
+
+
+def _with_grad_fake(student, teacher, mask, delta, normalize, reduction, mean_floor):
+    return *_fake(student, teacher, mask, delta, normalize, reduction, mean_floor), torch.empty_like(student)
 
 
 def _setup_context(ctx, inputs, output):
@@ -78,18 +84,27 @@ class _Eager(torch.autograd.Function):
             ctx.rows = slice(dist.get_rank(group) * student.shape[1], (dist.get_rank(group) + 1) * student.shape[1])
             student, teacher, mask, local = _global_members(student, teacher, mask, group)
             all_reduce = lambda t: dist.all_reduce(t, group=group)  # noqa: E731
+        ctx.k, ctx.delta, ctx.reduction, ctx.group = k, delta, reduction, group
+        with_grad = getattr(k, "forward_with_grad", None)  # the CPU kernels have it
+        ctx.stored_grad = with_grad is not None
+        if ctx.stored_grad:
+            loss, _, grad_student = with_grad(student, teacher, mask, delta, normalize, reduction, mean_floor)
+            ctx.save_for_backward(grad_student)
+            return loss
         loss, stats, ctx.packed = k.forward(student, teacher, mask, delta, normalize, reduction, mean_floor, local,
                                             all_reduce)
         ctx.save_for_backward(student, teacher, mask, stats)
-        ctx.k, ctx.delta, ctx.reduction, ctx.group = k, delta, reduction, group
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        student, teacher, mask, stats = ctx.saved_tensors
         if ctx.group is not None:
             grad = grad * dist.get_world_size(ctx.group)
-        grad_student = ctx.k.backward(grad, student, teacher, mask, stats, ctx.delta, ctx.reduction, ctx.packed)
+        if ctx.stored_grad:  # upstream (G,) for reduction "none", else a scalar
+            grad_student = ctx.saved_tensors[0] * grad.reshape(-1, 1, 1)
+        else:
+            student, teacher, mask, stats = ctx.saved_tensors
+            grad_student = ctx.k.backward(grad, student, teacher, mask, stats, ctx.delta, ctx.reduction, ctx.packed)
         if ctx.group is not None:
             grad_student = grad_student[:, ctx.rows]
         return grad_student, None, None, None, None, None, None, None
@@ -111,6 +126,7 @@ def masked_pairwise_huber(student, teacher, mask, delta: float, normalize: bool,
 if EXTENSION_ERROR is None:  # the schemas come with fastkd._C
     torch.library.register_fake("fastkd::masked_pairwise_huber", _fake)
     torch.library.register_fake("fastkd::masked_pairwise_huber_backward", _backward_fake)
+    torch.library.register_fake("fastkd::masked_pairwise_huber_with_grad", _with_grad_fake)
     torch.library.register_autograd("fastkd::masked_pairwise_huber", _op_backward, setup_context=_setup_context)
     register("masked_pairwise_huber", FAMILY, lambda k, *args: k.forward(*args)[:2], cpu_is_native=True)
     register("masked_pairwise_huber_backward", FAMILY, lambda k, *args: k.backward(*args), cpu_is_native=True)
