@@ -5,15 +5,15 @@
     MITr.features(images) -> the last stage's map (B, C_4, S / 32, S / 32) (after its LayerNorm)
 
 Layout: patch projection (Conv P x P, stride P, LayerNorm) -> four stages of C, 2C, 4C, 8C channels, each
-after the first entered through space-to-depth -> LayerNorm -> average pool -> MLP -> arc-sigmoid classifier
-p_k = sigmoid(s cos(h, w_k)), s = 8. The object-aware token reads the last stage; its MLP predicts the number
-of distinct classes in the image (0..K). Variants (Table 1 of the paper; parameters at 80 classes, paper
+after the first entered through space-to-depth -> LayerNorm -> average pool -> arc-sigmoid classifier
+p_k = sigmoid(s cos(h, w_k)), s = 8. The object-aware token reads the last stage; its classifier predicts the
+number of distinct classes in the image (0..K). Variants (Table 1 of the paper; parameters at 80 classes, paper
 Table 2 / here, both counted by tests/test_mitr.py):
 
     variant  input  P  C    ws  blocks     heads          params (paper / here)
-    s        224    4  96   7   1-1-3-1    3-6-12-24      33 M / 35.1 M
-    m        384    4  96   12  1-1-9-1    3-6-12-24      62 M / 64.4 M
-    l        384    4  128  12  1-1-9-1    4-8-16-32      108 M / 113.8 M
+    s        224    4  96   7   1-1-3-1    3-6-12-24      33 M / 34.8 M
+    m        384    4  96   12  1-1-9-1    3-6-12-24      62 M / 64.3 M
+    l        384    4  128  12  1-1-9-1    4-8-16-32      108 M / 113.3 M
     tiny     48     2  16   4   1-1-1-1    1-2-4-8        0.7 M (CPU; the 1-channel 48 x 48 canvases)
 
 The paper leaves these open (no code was released); each choice, and why:
@@ -21,7 +21,7 @@ The paper leaves these open (no code was released); each choice, and why:
    each sub-layer x + f(LN(x)) followed by x + MLP(LN(x)) (MLP ratio 4, GELU), as the authors' sibling CAT
    (IPSA -> CPSA -> IPSA) and the paper's Fig. 3/Eq. 1-4. Why: it is the only reading whose parameter counts land
    near Table 2 for all three variants (one PA + one CWA per block gives 23 M for s; two PA + one CWA gives
-   35 M / 64 M / 114 M), and it lets one block per stage both shift and not shift.
+   34.8 M / 64.3 M / 113.3 M), and it lets one block per stage both shift and not shift.
 2. Shifting with one block per stage: the block's first pixel attention is unshifted, its second shifted by
    ws // 2 (Swin's alternation inside the block). A stage whose map fits one window (H, W <= ws) never shifts
    (Swin does the same: a shift there would only split the one window).
@@ -39,18 +39,19 @@ The paper leaves these open (no code was released); each choice, and why:
    attends, with that layer's projections, to itself and every pixel of the map (global, no position bias),
    then passes the layer's MLP; pixels do not attend to it, and cross-window attention leaves it as it is
    (it is not a window). With one window (s, m, l) this is the paper's token stacked onto the window's pixels,
-   except that pixels ignore it; it works for any number of windows. Its head is LN -> Linear(C, C) -> GELU
-   -> Linear(C, K + 1).
+   except that pixels ignore it; it works for any number of windows. Its head is LN -> Linear(C, K + 1).
 7. Count range: the token classifies the number z of distinct positive classes into K + 1 classes 0..K
    (exact for every dataset; COCO images hold at most ~18, and the unused classes cost nothing).
 8. The sign typos of Eq. 11 and 13 (p = 1 / (1 + e^{+x W}) would fall as the similarity grows): read as the
    usual sigmoid, p = sigmoid(s cos theta), as the paper's own text requires (a label is given when the product
    is large).
-9. Arc sigmoid: cos theta between the MLP output h and the class weight w_k (both L2-normalised, no bias),
+9. Arc sigmoid: cos theta between the pooled feature h and the class weight w_k (both L2-normalised, no bias),
    times s = 8 (the paper's best, Table 6). Without it (ablation) the classifier is Linear(C, K) with bias.
 10. ASL's clip (Eq. 16 writes (p - m)^g log(1 - p + m) without ASL's max(p - m, 0)): the clip of the ASL paper
     and its code is used (fastkd.nn.AsymmetricLoss), so p < m gives no negative loss instead of a NaN power.
-11. Head "MLP": one hidden Linear(C, C) + GELU (an MLP of width C; no width is given).
+11. The "MLP" after the pooled pixels and after the token: the paper's own equations (11, 17) call it "the
+    fully connected layer", so each head is one layer (the class weights w_k; the token's Linear(C, K + 1)).
+    A hidden layer of width C would add 0.6 M parameters per head to s, further above Table 2.
 12. Absolute position embedding: none (Swin's relative position bias is the paper's "position embedding [10]").
 13. Inputs not a multiple of the window: padded (Swin), and padded pixels are masked out of the keys.
 Ablation switches (the paper's Table 5 ladder): position_bias, shift, cross_window, arc_sigmoid, count_token.
