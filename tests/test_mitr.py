@@ -133,6 +133,13 @@ def test_tiny_forward_shapes_features_and_gradients():
     assert not unused, unused
 
 
+def test_bf16_autocast_forward():
+    model = mitr("tiny", 10, in_channels=1, image_size=24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, counts = model(torch.randn(2, 1, 24, 24))
+    assert logits.isfinite().all() and counts.isfinite().all()
+
+
 def test_ablation_switches_remove_their_parts():
     full = mitr("tiny", 10, in_channels=1)
     bare = mitr("tiny", 10, in_channels=1, position_bias=False, shift=False, cross_window=False,

@@ -108,7 +108,7 @@ class WindowAttention(nn.Module):
         nw, n = windows.shape[1], windows.shape[2]
         qkv = self.qkv(windows).view(b, nw, n, 3, heads, c // heads).permute(3, 0, 1, 4, 2, 5)
         q, k, v = (t.reshape(b, nw * heads, n, c // heads) for t in qkv)     # windows x heads as one axis
-        mask = self.attention_mask(h, w, shift, x.dtype, x.device)
+        mask = self.attention_mask(h, w, shift, q.dtype, x.device)  # under autocast: q's dtype, not x's
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.view(b, nw, heads, n, c // heads).transpose(2, 3).reshape(b, nw, n, c)
         x = window_merge(self.proj(out), hp, wp)
