@@ -11,6 +11,7 @@ pytest.importorskip("sklearn")
 import fastkd  # noqa: E402
 from fastkd.data import CanvasConfig, DigitCanvases  # noqa: E402
 from fastkd.models import build_backbone  # noqa: E402
+from fastkd.models.deeplab import split_backbone  # noqa: E402
 from fastkd.recipes import cli, distributed, engine, l2d, mltr  # noqa: E402
 from tests.conftest import free_port, torchrun_environment  # noqa: E402
 from tests.test_l2d_recipe import _write_image_list  # noqa: E402
@@ -142,3 +143,5 @@ def test_mitr_as_l2d_teacher_and_as_student(tmp_path, capsys):
     assert channels == 128 and net(torch.randn(2, 1, 24, 24)).shape == (2, 128, 2, 2)
     with pytest.raises(ValueError, match="mitr-tiny"):
         l2d.check_backbone_name("mitr-xl")
+    with pytest.raises(ValueError, match="segmentation backbone must be a CNN"):
+        split_backbone("mitr-tiny", 3)
