@@ -34,6 +34,9 @@ def _dilate(module: nn.Module) -> None:
 def split_backbone(name: str, in_channels: int, weights: Optional[Mapping] = None):
     """(low-level part, deep part, low-level channels, deep channels)."""
     check_backbone_name(name)
+    if name.startswith("mitr-"):
+        raise ValueError(f"a segmentation backbone must be a CNN (cnn-W1-W2-W3-W4, a ResNet or mobilenet_v2): "
+                         f"MITr's encoder has no stride-4 skip and no dilated form, got {name!r}")
     if name.startswith("cnn-"):
         widths = tuple(int(w) for w in name.split("-")[1:])
         if len(widths) < 4:

@@ -43,7 +43,8 @@ class L2DConfig(RunConfig):
     canvas: CanvasConfig = option(CanvasConfig(), "built-in canvases")
     train_samples: int = option(2000, "built-in canvases for training", check=">=1")
     test_samples: int = option(1000, "built-in canvases for testing", check=">=1")
-    teacher_backbone: str = option("cnn-16-32-64", "cnn-W1-W2-..., resnet18/34/50/101 or mobilenet_v2")
+    teacher_backbone: str = option("cnn-16-32-64", "cnn-W1-W2-..., resnet18/34/50/101, mobilenet_v2 or "
+                                  "mitr-tiny/s/m/l (MITr's encoder)")
     student_backbone: str = option("cnn-8-16-32", "as --teacher-backbone")
     teacher_backbone_weights: Optional[str] = option(None, "local state_dict file for the teacher's backbone")
     student_backbone_weights: Optional[str] = option(None, "local state_dict file for the students' backbone")
@@ -114,14 +115,15 @@ def load_data(cfg: L2DConfig) -> dict:
 
 
 def build_model(backbone: str, cfg: L2DConfig, num_classes: int = 10, in_channels: int = 1,
-                weights: Optional[dict] = None) -> MultiLabelNet:
-    net, channels = build_backbone(backbone, in_channels, weights)
+                weights: Optional[dict] = None, image_size: Optional[int] = None) -> MultiLabelNet:
+    """Backbone and label-wise head; image_size: the input side (MITr backbones are built for it)."""
+    net, channels = build_backbone(backbone, in_channels, weights, image_size)
     return MultiLabelNet(net, LabelWiseEmbeddingHead(channels, num_classes, cfg.embed_dim, cfg.heads, cfg.ffn_dim))
 
 
 def model_for(backbone: str, cfg: L2DConfig, dataset, weights: Optional[dict] = None) -> MultiLabelNet:
-    """build_model with the dataset's number of classes and image channels."""
-    return build_model(backbone, cfg, dataset.num_classes, dataset.in_channels, weights)
+    """build_model with the dataset's number of classes, image channels and image size."""
+    return build_model(backbone, cfg, dataset.num_classes, dataset.in_channels, weights, dataset[0][0].shape[-1])
 
 
 def distillation_terms(cfg: L2DConfig, process_group=None):
