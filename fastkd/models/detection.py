@@ -84,7 +84,8 @@ def build_detector(arch: str, num_classes: int, *, backbone: str = "cnn-16-32-64
                    score_thresh: float = 0.05, detections_per_img: int = 100) -> nn.Module:
     """A torchvision FCOS, RetinaNet or Faster R-CNN for `num_classes` object classes (labels 1..K; built with
     K + 1 outputs). min_size: shorter side (an int, or a tuple to draw from per batch in training: multi-scale),
-    max_size: the longer side's cap. anchor_scale: anchor side / level stride (default torchvision's: FCOS 1,
+    max_size: the longer side's cap. FCOS with fewer than 64 FPN channels normalises its head with GroupNorm of
+    two channels a group (torchvision: 32 groups, which fails on a 1 x 1 level of a single image). anchor_scale: anchor side / level stride (default torchvision's: FCOS 1,
     RetinaNet 4 with 3 octave scales and 3 ratios, Faster R-CNN 8 with 3 ratios)."""
     from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
     from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -100,8 +101,11 @@ def build_detector(arch: str, num_classes: int, *, backbone: str = "cnn-16-32-64
     common = dict(min_size=min_size, max_size=max_size, image_mean=image_mean, image_std=image_std)
     if arch == "fcos":
         anchors = AnchorGenerator(tuple((s * scale,) for s in strides), ((1.0,),) * len(strides))
-        return FCOS(fpn, num_classes + 1, anchor_generator=anchors, score_thresh=score_thresh,
-                    detections_per_img=detections_per_img, **common)
+        detector = FCOS(fpn, num_classes + 1, anchor_generator=anchors, score_thresh=score_thresh,
+                        detections_per_img=detections_per_img, **common)
+        if fpn_channels < 64:  # GroupNorm(32) of 32 channels on a 1 x 1 level of one image has one value a group
+            _fcos_head_norm(detector, num_classes + 1, fpn_channels)
+        return detector
     if arch == "retinanet":
         anchors = AnchorGenerator(tuple(tuple(s * scale * 2 ** (k / 3) for k in range(3)) for s in strides),
                                   ((0.5, 1.0, 2.0),) * len(strides))
@@ -110,6 +114,17 @@ def build_detector(arch: str, num_classes: int, *, backbone: str = "cnn-16-32-64
     anchors = AnchorGenerator(tuple((s * scale,) for s in strides), ((0.5, 1.0, 2.0),) * len(strides))
     return FasterRCNN(fpn, num_classes + 1, rpn_anchor_generator=anchors, box_score_thresh=score_thresh,
                       box_detections_per_img=detections_per_img, **common)
+
+
+def _fcos_head_norm(detector: nn.Module, num_classes: int, channels: int) -> None:
+    """Rebuild FCOS's head towers with GroupNorm of channels // 2 groups (two channels a group) instead of 32."""
+    from functools import partial
+    from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSRegressionHead
+    if channels % 2:
+        raise ValueError(f"FCOS needs an even number of FPN channels, got {channels}")
+    norm = partial(nn.GroupNorm, channels // 2)
+    detector.head.classification_head = FCOSClassificationHead(channels, 1, num_classes, norm_layer=norm)
+    detector.head.regression_head = FCOSRegressionHead(channels, 1, norm_layer=norm)
 
 
 def architecture(detector: nn.Module) -> str:

@@ -41,25 +41,25 @@ class LGDConfig(RunConfig):
                                       "the image folders (see --train-split, --test-split)", affects_results=False)
     train_split: str = option("train2017", "coco: training split name (annotations/instances_NAME.json, NAME/)")
     test_split: str = option("val2017", "coco: evaluation split name")
-    canvas: DetectionCanvasConfig = option(DetectionCanvasConfig(), "built-in canvases")
-    train_samples: int = option(1200, "built-in canvases for training", check=">=1")
+    canvas: DetectionCanvasConfig = option(DetectionCanvasConfig(size=80, digit_sizes=(14, 34)), "built-in canvases")
+    train_samples: int = option(2000, "built-in canvases for training", check=">=1")
     test_samples: int = option(400, "built-in canvases for testing", check=">=1")
     arch: str = option("fcos", "detector", choices=ARCHITECTURES)
-    backbone: str = option("cnn-16-32-64-128", "cnn-W1-W2-W3-W4 (small, random init) or resnet50")
+    backbone: str = option("cnn-8-16-32-64", "cnn-W1-W2-W3-W4 (small, random init) or resnet50")
     backbone_weights: Optional[str] = option(None, "resnet50: a local torchvision ResNet-50 state_dict (ImageNet "
                                              "weights; never downloaded); none: random init")
-    fpn_channels: int = option(64, "FPN channels (torchvision / official: 256)", check=">=8")
+    fpn_channels: int = option(32, "FPN channels (torchvision / official: 256)", check=">=8")
     anchor_scale: Optional[float] = option(None, "anchor side / level stride (none: torchvision's, FCOS 1, "
                                            "RetinaNet 4, Faster R-CNN 8)", check=">0")
-    min_sizes: Tuple[int, ...] = option((96,), "shorter image side; several: one drawn per training batch "
+    min_sizes: Tuple[int, ...] = option((80,), "shorter image side; several: one drawn per training batch "
                                         "(multi-scale), the largest for evaluation", check=">=16")
-    max_size: int = option(96, "cap of the longer image side", check=">=16")
+    max_size: int = option(80, "cap of the longer image side", check=">=16")
     batch_size: int = option(8, "images per process and iteration", check=">=1")
     eval_every: int = option(1000, "evaluate every k epochs (and after the last)", check=">=1",
                              affects_results=False)
-    iterations: int = option(600, "optimizer steps of each model (rounded up to whole epochs)", check=">=1")
+    iterations: int = option(500, "optimizer steps of each model (rounded up to whole epochs)", check=">=1")
     warmup_iters: int = option(50, "linear warm-up from lr/1000 (official 1000)", check=">=0")
-    lr_steps: Tuple[int, ...] = option((400, 533), "iterations after which the lr is x0.1 (official 120k, 160k "
+    lr_steps: Tuple[int, ...] = option((333, 444), "iterations after which the lr is x0.1 (official 120k, 160k "
                                        "of 180k)", check=">=1")
     lr: float = option(0.01, "SGD learning rate (official: RetinaNet/FCOS 0.01, Faster R-CNN 0.02, batch 16)",
                        check=">0")
@@ -70,9 +70,9 @@ class LGDConfig(RunConfig):
     grad_clip: Optional[float] = option(10.0, "clip the gradient norm to this value (none: no clipping)",
                                         check=">0")
     distill_weight: float = option(1.0, "λ, weight of the distillation term (official 1)", check=">=0")
-    adapter_only_iters: int = option(100, "first iterations in which the distillation trains only the adapter "
+    adapter_only_iters: int = option(80, "first iterations in which the distillation trains only the adapter "
                                      "(student features detached; official 30k of 180k)", check=">=0")
-    freeze_body_iters: int = option(60, "first iterations in which the student's body gets no gradient "
+    freeze_body_iters: int = option(50, "first iterations in which the student's body gets no gradient "
                                     "(official 20k of 180k)", check=">=0")
     context_box: Optional[bool] = option(None, "append a context box per image (none: the official preset of "
                                          "--arch with R-50: RetinaNet yes, FCOS no, Faster R-CNN no)")
@@ -101,9 +101,9 @@ class LGDConfig(RunConfig):
         if self.fpn_channels % self.attention_heads:
             raise ConfigError(f"--fpn-channels {self.fpn_channels} must be divisible by --attention-heads "
                               f"{self.attention_heads}")
-        if self.arch == "fcos" and self.fpn_channels % 32:
-            raise ConfigError(f"--fpn-channels {self.fpn_channels}: FCOS's head normalises with GroupNorm(32), "
-                              f"use a multiple of 32")
+        if self.arch == "fcos" and self.fpn_channels % (32 if self.fpn_channels >= 64 else 2):
+            raise ConfigError(f"--fpn-channels {self.fpn_channels}: FCOS's head normalises with GroupNorm(32) (two "
+                              f"channels a group under 64 channels): use a multiple of 32, or an even number below 64")
         if len(self.encoder_widths) != 3:
             raise ConfigError(f"--encoder-widths: expected three widths (official 64,128,1024), got "
                               f"{self.encoder_widths}")
