@@ -42,7 +42,7 @@ class LGDConfig(RunConfig):
     train_split: str = option("train2017", "coco: training split name (annotations/instances_NAME.json, NAME/)")
     test_split: str = option("val2017", "coco: evaluation split name")
     canvas: DetectionCanvasConfig = option(DetectionCanvasConfig(size=80, digit_sizes=(14, 34)), "built-in canvases")
-    train_samples: int = option(2000, "built-in canvases for training", check=">=1")
+    train_samples: int = option(1600, "built-in canvases for training", check=">=1")
     test_samples: int = option(400, "built-in canvases for testing", check=">=1")
     arch: str = option("fcos", "detector", choices=ARCHITECTURES)
     backbone: str = option("cnn-8-16-32-64", "cnn-W1-W2-W3-W4 (small, random init) or resnet50")
@@ -57,9 +57,9 @@ class LGDConfig(RunConfig):
     batch_size: int = option(8, "images per process and iteration", check=">=1")
     eval_every: int = option(1000, "evaluate every k epochs (and after the last)", check=">=1",
                              affects_results=False)
-    iterations: int = option(500, "optimizer steps of each model (rounded up to whole epochs)", check=">=1")
-    warmup_iters: int = option(50, "linear warm-up from lr/1000 (official 1000)", check=">=0")
-    lr_steps: Tuple[int, ...] = option((333, 444), "iterations after which the lr is x0.1 (official 120k, 160k "
+    iterations: int = option(400, "optimizer steps of each model (rounded up to whole epochs)", check=">=1")
+    warmup_iters: int = option(40, "linear warm-up from lr/1000 (official 1000)", check=">=0")
+    lr_steps: Tuple[int, ...] = option((267, 356), "iterations after which the lr is x0.1 (official 120k, 160k "
                                        "of 180k)", check=">=1")
     lr: float = option(0.01, "SGD learning rate (official: RetinaNet/FCOS 0.01, Faster R-CNN 0.02, batch 16)",
                        check=">0")
@@ -70,9 +70,9 @@ class LGDConfig(RunConfig):
     grad_clip: Optional[float] = option(10.0, "clip the gradient norm to this value (none: no clipping)",
                                         check=">0")
     distill_weight: float = option(1.0, "λ, weight of the distillation term (official 1)", check=">=0")
-    adapter_only_iters: int = option(80, "first iterations in which the distillation trains only the adapter "
+    adapter_only_iters: int = option(67, "first iterations in which the distillation trains only the adapter "
                                      "(student features detached; official 30k of 180k)", check=">=0")
-    freeze_body_iters: int = option(50, "first iterations in which the student's body gets no gradient "
+    freeze_body_iters: int = option(44, "first iterations in which the student's body gets no gradient "
                                     "(official 20k of 180k)", check=">=0")
     context_box: Optional[bool] = option(None, "append a context box per image (none: the official preset of "
                                          "--arch with R-50: RetinaNet yes, FCOS no, Faster R-CNN no)")
