@@ -16,7 +16,7 @@ from fastkd.data.coco_detection import COCODetection  # noqa: E402
 from fastkd.data.digit_canvases import source_splits  # noqa: E402
 from fastkd.data.digit_detection import DetectionCanvasConfig, DigitDetection, generate_detection_canvases  # noqa: E402
 from fastkd.metrics.detection import coco_evaluate, detections_to_coco  # noqa: E402
-from fastkd.models.detection import ARCHITECTURES  # noqa: E402
+from fastkd.models.detection import ARCHITECTURES, detect, pyramid  # noqa: E402
 from fastkd.recipes import cli, distributed, engine, lgd  # noqa: E402
 from tests.conftest import free_port, torchrun_environment  # noqa: E402
 
@@ -111,6 +111,22 @@ def test_step_by_step_driving_equals_the_detectors_own_forward(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_detections_from_given_features_equal_the_detectors_own(arch):
+    cfg = lgd.config_with(**TINY, arch=arch)
+    data, images, targets = _batch(cfg)
+    torch.manual_seed(0)
+    detector = lgd.build_model("baseline", cfg, data).detector.eval()
+    (detector.roi_heads if arch == "fasterrcnn" else detector).score_thresh = 0.0  # untrained: keep every box
+    with torch.no_grad():
+        batch, _ = detector.transform(images)
+        given = detect(detector, batch, pyramid(detector, batch.tensors), [tuple(i.shape[-2:]) for i in images])
+        own = detector(images)
+    assert all(len(out["boxes"]) > 0 for out in own)
+    for a, b in zip(given, own):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_one_lgd_training_step_per_detector(arch):
     cfg = lgd.config_with(**TINY, arch=arch)
     data, images, targets = _batch(cfg)
@@ -165,7 +181,8 @@ def test_cli_trains_baseline_and_lgd_and_writes_the_report(tmp_path, capsys):
     assert "| model | AP | AP50 | AP75 | APs | APm | APl | AP vs baseline |" in out and "| lgd |" in out
     histories = json.loads((tmp_path / "results.json").read_text())["histories"]
     assert set(histories) == {"baseline", "lgd"}
-    assert {"train_distill", "train_classification_teacher", "AP", "AP50"} <= set(histories["lgd"][-1])
+    assert {"train_distill", "train_classification_teacher", "AP", "AP50", "teacher_AP"} <= set(histories["lgd"][-1])
+    assert "teacher_AP" not in histories["baseline"][-1] and "| lgd: head on the instructive features" in out
     assert (tmp_path / "results.md").exists()
 
 

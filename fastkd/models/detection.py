@@ -162,3 +162,24 @@ def detection_losses(detector: nn.Module, images, features: "OrderedDict[str, to
         return detector.compute_loss(targets, head_outputs, anchors, [x.size(2) * x.size(3) for x in levels])
     return detector.compute_loss(targets, head_outputs, anchors)
 
+
+
+def detect(detector: nn.Module, images, features: "OrderedDict[str, torch.Tensor]", original_sizes) -> list:
+    """The detector's detections (eval mode) computed from `features` instead of its own backbone's: per image
+    {"boxes", "scores", "labels"} in the original image's pixels. images: the transform's ImageList;
+    original_sizes: [(H, W)] of the images before the transform."""
+    arch = architecture(detector)
+    if arch == "fasterrcnn":
+        proposals, _ = detector.rpn(images, features)
+        detections, _ = detector.roi_heads(features, proposals, images.image_sizes)
+    else:
+        levels = list(features.values())
+        head_outputs = detector.head(levels)
+        anchors = detector.anchor_generator(images, levels)
+        per_level = [x.size(2) * x.size(3) for x in levels]
+        if arch == "retinanet":  # A anchors per location
+            per_level = [n * (head_outputs["cls_logits"].size(1) // sum(per_level)) for n in per_level]
+        split_outputs = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
+        split_anchors = [list(a.split(per_level)) for a in anchors]
+        detections = detector.postprocess_detections(split_outputs, split_anchors, images.image_sizes)
+    return detector.transform.postprocess(detections, images.image_sizes, original_sizes)

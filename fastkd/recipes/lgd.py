@@ -199,19 +199,25 @@ def make_step(method: str, cfg: LGDConfig, scheduler, device: torch.device):
 def evaluate(model: LGDDetector, dataset, cfg: LGDConfig, ctx: distributed.Context,
              batch_size: int = 16) -> Dict[str, float]:
     """COCOeval of the detector on `dataset`: rank r detects images r, r + W, ...; rank 0 evaluates the gathered
-    rows; every rank returns the metrics (percent)."""
+    rows; every rank returns the metrics (percent). An LGD model also reports teacher_AP, ...: its head on the
+    instructive features, which are built from the test labels (the official "eval teacher"; not a detector)."""
     indices = list(range(ctx.rank, len(dataset), ctx.world_size))
-    rows = []
+    rows = {"": [], "teacher_": []} if model.teacher is not None else {"": []}
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
                                          collate_fn=collate, num_workers=_workers(cfg))
     for images, targets in loader:
-        with autocast(cfg, ctx.device):
-            outputs = model([image.to(ctx.device) for image in images])
+        images, targets = distributed.to_device((list(images), list(targets)), ctx.device)
         ids = [int(t["image_id"]) for t in targets]
-        rows += detections_to_coco([{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in out.items()}
-                                    for out in outputs], ids, dataset.category_ids)
-    gathered = [row for part in distributed.gather_objects(rows, ctx) for row in part]
-    metrics = coco_evaluate(dataset.coco_ground_truth(), gathered) if ctx.is_main else None
+        for prefix in rows:
+            with autocast(cfg, ctx.device):
+                outputs = model(images, targets, instructive=True) if prefix else model(images)
+            rows[prefix] += detections_to_coco([{k: v.float().cpu() if k != "labels" else v.cpu()
+                                                 for k, v in out.items()} for out in outputs], ids, dataset.category_ids)
+    metrics = {}
+    for prefix, own in rows.items():
+        gathered = [row for part in distributed.gather_objects(own, ctx) for row in part]
+        if ctx.is_main:
+            metrics.update({prefix + k: v for k, v in coco_evaluate(dataset.coco_ground_truth(), gathered).items()})
     return distributed.broadcast_object(metrics, ctx)
 
 
@@ -250,15 +256,23 @@ def run(cfg: LGDConfig) -> dict:
 
 
 def results_table(histories: dict) -> str:
-    """| model | AP | AP50 | AP75 | APs | APm | APl | AP vs baseline |, from each model's last evaluation."""
+    """| model | AP | AP50 | AP75 | APs | APm | APl | AP vs baseline |, from each model's last evaluation; under an
+    LGD model, the row of its head on the instructive features."""
     final = {name: report.last_with(history, "AP") for name, history in histories.items()}
     base = final.get("baseline", {}).get("AP")
     lines = ["| model | " + " | ".join(COCO_METRICS) + " | AP vs baseline |", "|---|" + "---|" * (len(COCO_METRICS) + 1)]
     for name, last in final.items():
-        cells = [f"{last[m]:.1f}" if isinstance(last.get(m), float) and last[m] >= 0 else "-" for m in COCO_METRICS]
         delta = "-" if name == "baseline" or base is None or "AP" not in last else f"{last['AP'] - base:+.1f}"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {delta} |")
+        lines.append(f"| {name} | " + " | ".join(_cells(last)) + f" | {delta} |")
+        if "teacher_AP" in last:
+            lines.append(f"| {name}: head on the instructive features (built from the test labels) | "
+                         + " | ".join(_cells(last, "teacher_")) + " | - |")
     return "\n".join(lines)
+
+
+def _cells(record: dict, prefix: str = "") -> list:
+    return [f"{record[prefix + m]:.1f}" if isinstance(record.get(prefix + m), float) and record[prefix + m] >= 0
+            else "-" for m in COCO_METRICS]
 
 
 def config_with(**overrides) -> LGDConfig:

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from fastkd.models.detection import detection_losses, pyramid
+from fastkd.models.detection import detect, detection_losses, pyramid
 from fastkd.models.lgd.distill import StudentAdapter, lgd_distillation_loss
 from fastkd.models.lgd.teacher import LabelGuidedTeacher
 
@@ -31,12 +31,17 @@ class LGDDetector(nn.Module):
         return list(self.teacher.parameters()) if self.teacher is not None else []
 
     def forward(self, images: List[torch.Tensor], targets: Optional[List[dict]] = None, *,
-                distill_student: bool = True, freeze_body: bool = False):
-        """Training: {loss name: tensor}; evaluation: the detector's detections (list of dicts)."""
-        if not self.training:
+                distill_student: bool = True, freeze_body: bool = False, instructive: bool = False):
+        """Training: {loss name: tensor}; evaluation: the detector's detections (list of dicts), or with
+        `instructive` (and targets) the detections of its head on the teacher's instructive levels (the official
+        "eval teacher": how much the label-guided features know)."""
+        if not self.training and not instructive:
             return self.detector(images)
         if targets is None:
-            raise ValueError("targets are needed in training (a list of dicts with boxes and labels)")
+            raise ValueError("targets are needed in training and for the instructive features (a list of dicts "
+                             "with boxes and labels)")
+        if instructive:
+            return self.detect_instructive(images, targets)
         batch, targets = self.detector.transform(images, targets)
         features = pyramid(self.detector, batch.tensors, freeze_body)
         losses: Dict[str, torch.Tensor] = dict(detection_losses(self.detector, batch, features, targets))
@@ -49,3 +54,12 @@ class LGDDetector(nn.Module):
         adapted = self.adapter(student if distill_student else [level.detach() for level in student])
         losses["distill"] = self.distill_weight * lgd_distillation_loss(adapted, instructive)
         return losses
+
+    def detect_instructive(self, images: List[torch.Tensor], targets: List[dict]) -> list:
+        if self.teacher is None:
+            raise ValueError("this model has no label-guided teacher (a baseline)")
+        sizes = [tuple(image.shape[-2:]) for image in images]
+        batch, targets = self.detector.transform(images, targets)
+        features = pyramid(self.detector, batch.tensors)
+        instructive = self.teacher(list(features.values()), targets, tuple(batch.tensors.shape[-2:]))
+        return detect(self.detector, batch, OrderedDict(zip(features, instructive)), sizes)
