@@ -52,7 +52,7 @@ class LGDConfig(RunConfig):
     anchor_scale: Optional[float] = option(None, "anchor side / level stride (none: torchvision's, FCOS 1, "
                                            "RetinaNet 4, Faster R-CNN 8)", check=">0")
     min_sizes: Tuple[int, ...] = option((80,), "shorter image side; several: one drawn per training batch "
-                                        "(multi-scale), the largest for evaluation", check=">=16")
+                                        "(multi-scale), the last for evaluation (torchvision)", check=">=16")
     max_size: int = option(80, "cap of the longer image side", check=">=16")
     batch_size: int = option(8, "images per process and iteration", check=">=1")
     eval_every: int = option(1000, "evaluate every k epochs (and after the last)", check=">=1",
@@ -160,7 +160,6 @@ def build_model(method: str, cfg: LGDConfig, dataset) -> LGDDetector:
                               in_channels=dataset.in_channels, min_size=cfg.min_sizes, max_size=cfg.max_size,
                               image_mean=[0.1] if gray else None, image_std=[0.3] if gray else None,
                               anchor_scale=cfg.anchor_scale, backbone_weights=cfg.backbone_weights)
-    detector.transform.min_size = tuple(cfg.min_sizes)  # evaluation uses the last (largest) size
     teacher = None
     if method == "lgd":
         teacher = LabelGuidedTeacher(dataset.num_classes, cfg.fpn_channels, cfg.attention_heads,
