@@ -16,9 +16,9 @@ from fastkd.data.coco_detection import COCODetection  # noqa: E402
 from fastkd.data.digit_canvases import source_splits  # noqa: E402
 from fastkd.data.digit_detection import DetectionCanvasConfig, DigitDetection, generate_detection_canvases  # noqa: E402
 from fastkd.metrics.detection import coco_evaluate, detections_to_coco  # noqa: E402
-from fastkd.models.detection import ARCHITECTURES, detect, pyramid  # noqa: E402
+from fastkd.models.detection import ARCHITECTURES, build_detector, detect, pyramid  # noqa: E402
 from fastkd.recipes import cli, distributed, engine, lgd  # noqa: E402
-from tests.conftest import free_port, torchrun_environment  # noqa: E402
+from tests.conftest import free_port, killed_make_step, torchrun_environment  # noqa: E402
 
 CANVAS = DetectionCanvasConfig(size=64, digit_sizes=(14, 28), max_digits=3)
 TINY = dict(canvas=CANVAS, backbone="cnn-4-8-8-16", fpn_channels=32, encoder_widths=(8, 8, 16), min_sizes=(64,),
@@ -28,10 +28,13 @@ SMOKE = ["lgd", "--preset", "smoke", "--train-samples", "16", "--test-samples", 
 CPU = distributed.Context(0, 1, torch.device("cpu"))
 
 
-def _batch(cfg, n=2):
+def _model(method: str, arch: str = "fcos", n: int = 2):
+    """(model in training mode, config, images, targets) of a tiny `method` model and a batch of n canvases."""
+    cfg = lgd.config_with(**TINY, arch=arch)
     data = DigitDetection("train", n, cfg.canvas)
     images, targets = lgd.collate([data[i] for i in range(n)])
-    return data, list(images), list(targets)
+    torch.manual_seed(0)
+    return lgd.build_model(method, cfg, data).train(), cfg, list(images), list(targets)
 
 
 def _without_seconds(histories):
@@ -97,10 +100,7 @@ def test_coco_evaluation_on_a_fixture_with_a_known_answer():
 # ------------------------------------------------------------------------------------------------ detectors
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_step_by_step_driving_equals_the_detectors_own_forward(arch):
-    cfg = lgd.config_with(**TINY, arch=arch)
-    data, images, targets = _batch(cfg)
-    torch.manual_seed(0)
-    model = lgd.build_model("baseline", cfg, data).train()
+    model, _, images, targets = _model("baseline", arch)
     torch.manual_seed(1)
     driven = model(images, targets)
     torch.manual_seed(1)
@@ -112,10 +112,8 @@ def test_step_by_step_driving_equals_the_detectors_own_forward(arch):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_detections_from_given_features_equal_the_detectors_own(arch):
-    cfg = lgd.config_with(**TINY, arch=arch)
-    data, images, targets = _batch(cfg)
-    torch.manual_seed(0)
-    detector = lgd.build_model("baseline", cfg, data).detector.eval()
+    model, _, images, _ = _model("baseline", arch)
+    detector = model.detector.eval()
     (detector.roi_heads if arch == "fasterrcnn" else detector).score_thresh = 0.0  # untrained: keep every box
     with torch.no_grad():
         batch, _ = detector.transform(images)
@@ -128,10 +126,7 @@ def test_detections_from_given_features_equal_the_detectors_own(arch):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_one_lgd_training_step_per_detector(arch):
-    cfg = lgd.config_with(**TINY, arch=arch)
-    data, images, targets = _batch(cfg)
-    torch.manual_seed(0)
-    model = lgd.build_model("lgd", cfg, data).train()
+    model, cfg, images, targets = _model("lgd", arch)
     optimizer = lgd.make_optimizer(cfg, model)
     assert [g["name"] for g in optimizer.param_groups] == ["student", "label_guided"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -149,10 +144,7 @@ def test_one_lgd_training_step_per_detector(arch):
 
 
 def test_stages_adapter_only_and_frozen_body():
-    cfg = lgd.config_with(**TINY)
-    data, images, targets = _batch(cfg)
-    torch.manual_seed(0)
-    model = lgd.build_model("lgd", cfg, data).train()
+    model, cfg, images, targets = _model("lgd")
     losses = model(images, targets, distill_student=False, freeze_body=True)
     losses["distill"].backward(retain_graph=True)
     assert all(p.grad is None for p in model.detector.parameters())  # only the adapter learns from the distillation
@@ -201,21 +193,10 @@ def test_bad_options_are_refused_with_their_name(flags, message, tmp_path, capsy
 def test_a_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     common = SMOKE + ["--iterations", "8", "--lr-steps", "6"]  # 4 steps per epoch: 2 epochs
     cli.main(common + ["--out-dir", str(tmp_path / "straight")])
-    original = lgd.make_step
-
-    def killed_in_lgd_epoch_2(method, *args, **kwargs):
-        step = original(method, *args, **kwargs)
-
-        def killable(model, batch, epoch):
-            if method == "lgd" and epoch == 1:
-                raise KeyboardInterrupt("killed")
-            return step(model, batch, epoch)
-        return killable
-
-    monkeypatch.setattr(lgd, "make_step", killed_in_lgd_epoch_2)
+    monkeypatch.setattr(lgd, "make_step", killed_make_step(lgd.make_step, "lgd", epoch=1))
     with pytest.raises(KeyboardInterrupt):
         cli.main(common + ["--out-dir", str(tmp_path / "killed")])
-    monkeypatch.setattr(lgd, "make_step", original)
+    monkeypatch.undo()
     baseline_mtime = (tmp_path / "killed" / "baseline" / "last.pt").stat().st_mtime_ns
     cli.main(common + ["--out-dir", str(tmp_path / "killed")])
     assert (tmp_path / "killed" / "baseline" / "last.pt").stat().st_mtime_ns == baseline_mtime
@@ -293,3 +274,16 @@ def test_ddp_recipe_on_two_cpu_processes(tmp_path):
     assert engine.load_weights(model, str(tmp_path / "lgd"))
     single = lgd.evaluate(model.eval(), data["test"], cfg, CPU)
     assert rank0["scores"] == rank1["scores"] == pytest.approx(single)
+
+
+def test_resnet50_backbone_reads_a_local_state_dict_only(tmp_path):
+    import torchvision
+    net = torchvision.models.resnet50(weights=None)
+    torch.save(net.state_dict(), tmp_path / "resnet50.pth")
+    detector = build_detector("retinanet", 3, backbone="resnet50", backbone_weights=str(tmp_path / "resnet50.pth"),
+                              min_size=64, max_size=64)
+    torch.testing.assert_close(detector.backbone.body.layer4[0].conv1.weight, net.layer4[0].conv1.weight)
+    assert not detector.backbone.body.conv1.weight.requires_grad  # stem and layer1 frozen, as torchvision does
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises((ValueError, RuntimeError)):
+        build_detector("fcos", 3, backbone="resnet50", backbone_weights=str(tmp_path / "other.pth"))
