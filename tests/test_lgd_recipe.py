@@ -143,6 +143,16 @@ def test_one_lgd_training_step_per_detector(arch):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_a_bf16_autocast_step_gives_float32_terms_and_gradients():
+    model, cfg, images, targets = _model("lgd")
+    cfg.amp = "bf16"  # CPU autocast here; the same code path as --amp bf16 on a GPU
+    scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(model.parameters(), lr=0.1), lambda s: 1.0)
+    terms = lgd.make_step("lgd", cfg, scheduler, torch.device("cpu"))(model, (images, targets), 0)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in terms.values())
+    sum(terms.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_stages_adapter_only_and_frozen_body():
     model, cfg, images, targets = _model("lgd")
     losses = model(images, targets, distill_student=False, freeze_body=True)
