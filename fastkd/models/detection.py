@@ -85,8 +85,9 @@ def build_detector(arch: str, num_classes: int, *, backbone: str = "cnn-16-32-64
     """A torchvision FCOS, RetinaNet or Faster R-CNN for `num_classes` object classes (labels 1..K; built with
     K + 1 outputs). min_size: shorter side (an int, or a tuple to draw from per batch in training: multi-scale),
     max_size: the longer side's cap. FCOS with fewer than 64 FPN channels normalises its head with GroupNorm of
-    two channels a group (torchvision: 32 groups, which fails on a 1 x 1 level of a single image). anchor_scale: anchor side / level stride (default torchvision's: FCOS 1,
-    RetinaNet 4 with 3 octave scales and 3 ratios, Faster R-CNN 8 with 3 ratios)."""
+    two channels a group (torchvision: 32 groups, which fails on a 1 x 1 level of a single image).
+    anchor_scale: anchor side / level stride (default torchvision's: FCOS 1, RetinaNet 4 with 3 octave scales and
+    3 ratios, Faster R-CNN 8 with 3 ratios)."""
     from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     if arch not in ARCHITECTURES:

@@ -210,8 +210,8 @@ def evaluate(model: LGDDetector, dataset, cfg: LGDConfig, ctx: distributed.Conte
         for prefix in rows:
             with autocast(cfg, ctx.device):
                 outputs = model(images, targets, instructive=True) if prefix else model(images)
-            rows[prefix] += detections_to_coco([{k: v.float().cpu() if k != "labels" else v.cpu()
-                                                 for k, v in out.items()} for out in outputs], ids, dataset.category_ids)
+            on_cpu = [{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in out.items()} for out in outputs]
+            rows[prefix] += detections_to_coco(on_cpu, ids, dataset.category_ids)
     metrics = {}
     for prefix, own in rows.items():
         gathered = [row for part in distributed.gather_objects(own, ctx) for row in part]
@@ -259,7 +259,8 @@ def results_table(histories: dict) -> str:
     LGD model, the row of its head on the instructive features."""
     final = {name: report.last_with(history, "AP") for name, history in histories.items()}
     base = final.get("baseline", {}).get("AP")
-    lines = ["| model | " + " | ".join(COCO_METRICS) + " | AP vs baseline |", "|---|" + "---|" * (len(COCO_METRICS) + 1)]
+    lines = ["| model | " + " | ".join(COCO_METRICS) + " | AP vs baseline |",
+             "|---|" + "---|" * (len(COCO_METRICS) + 1)]
     for name, last in final.items():
         delta = "-" if name == "baseline" or base is None or "AP" not in last else f"{last['AP'] - base:+.1f}"
         lines.append(f"| {name} | " + " | ".join(_cells(last)) + f" | {delta} |")

@@ -14,8 +14,8 @@ class AppearanceEncoder(nn.Module):
 
     def __init__(self, channels: int = 256):
         super().__init__()
-        self.project = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(1, channels, affine=False),
-                                     nn.ReLU())
+        self.project = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1),
+                                     nn.GroupNorm(1, channels, affine=False), nn.ReLU())
 
     def forward(self, levels: Sequence[torch.Tensor], boxes: torch.Tensor, batch_idx: torch.Tensor,
                 image_size) -> torch.Tensor:

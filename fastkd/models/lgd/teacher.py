@@ -52,7 +52,8 @@ class LabelGuidedTeacher(nn.Module):
         rows = torch.tensor(context_rows, dtype=torch.long, device=device) if self.context_box else None
         return torch.cat(boxes), torch.cat(slots), torch.cat(owners), rows
 
-    def forward(self, student_levels: Sequence[torch.Tensor], targets: Sequence[dict], image_size) -> List[torch.Tensor]:
+    def forward(self, student_levels: Sequence[torch.Tensor], targets: Sequence[dict],
+                image_size) -> List[torch.Tensor]:
         """Instructive levels, each of its student level's shape. student_levels: (B, C, H_l, W_l); targets: B
         dicts with "boxes" (n_b, 4) in padded-input pixels and "labels" (n_b,) in 1..num_classes; image_size:
         (H_pad, W_pad)."""
