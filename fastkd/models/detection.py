@@ -46,8 +46,9 @@ def build_fpn_backbone(arch: str, backbone: str, fpn_channels: int, in_channels:
                        weights: Optional[str] = None):
     """torchvision BackboneWithFPN (attributes .body, .fpn, .out_channels) for `arch`: layers 2-4 with P6/P7 from
     P5 (FCOS, RetinaNet) or layers 1-4 with a max-pooled 'pool' level (Faster R-CNN). resnet50: torchvision's
-    ResNet-50 with frozen BatchNorm, its stem and layer1 frozen (torchvision's trainable_layers=3), weights from
-    the local state_dict `weights` (None: random init)."""
+    ResNet-50 with weights from the local state_dict `weights`, then with frozen BatchNorm and its stem and layer1
+    frozen (torchvision's trainable_layers=3); without weights, random init, BatchNorm and every layer trained
+    (torchvision's choice for an untrained backbone)."""
     from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
     check_detector_backbone(backbone)
@@ -58,7 +59,8 @@ def build_fpn_backbone(arch: str, backbone: str, fpn_channels: int, in_channels:
         from torchvision.ops import FrozenBatchNorm2d
         if in_channels != 3:
             raise ValueError(f"resnet50 takes 3-channel images, got in_channels={in_channels}")
-        net = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+        pretrained = weights is not None  # as torchvision: frozen BatchNorm and layers only over loaded weights
+        net = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)
         if weights is not None:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             state = {k: v for k, v in state.get("model", state).items() if not k.startswith("fc.")}
@@ -66,7 +68,7 @@ def build_fpn_backbone(arch: str, backbone: str, fpn_channels: int, in_channels:
             if unexpected or [k for k in missing if not k.startswith("fc.")]:
                 raise ValueError(f"{weights} is not a torchvision ResNet-50 state_dict (missing "
                                  f"{missing[:3]}, unexpected {unexpected[:3]})")
-        fpn = _resnet_fpn_extractor(net, 3, returned_layers=returned, extra_blocks=extra)
+        fpn = _resnet_fpn_extractor(net, 3 if pretrained else 5, returned_layers=returned, extra_blocks=extra)
         if fpn_channels != fpn.out_channels:
             raise ValueError(f"resnet50's FPN has {fpn.out_channels} channels (torchvision), got fpn_channels="
                              f"{fpn_channels}")
