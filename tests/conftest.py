@@ -89,6 +89,20 @@ def torchrun_environment(rank: int, world: int, port: int) -> None:
                       MASTER_PORT=str(port))
 
 
+def killed_make_step(make_step, killed_method: str, epoch: int):
+    """A recipe's make_step(method, ...) whose steps of `killed_method` raise KeyboardInterrupt in `epoch`
+    (0-based): a run killed there, for the resume tests."""
+    def make(method, *args, **kwargs):
+        step = make_step(method, *args, **kwargs)
+
+        def killable(model, batch, current_epoch):
+            if method == killed_method and current_epoch == epoch:
+                raise KeyboardInterrupt("killed")
+            return step(model, batch, current_epoch)
+        return killable
+    return make
+
+
 class RunsACommand:
     """Unpickling this runs `touch marker`: what a crafted checkpoint would do, and what loading must refuse."""
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 NUM_CLASSES = 10
 SPLITS = ("train", "val", "test")
+INK = 0.1  # a digit pixel above this value is ink (the box of a placed digit bounds its ink)
 
 
 @dataclass(frozen=True)
@@ -75,19 +76,31 @@ def generate_canvases(split: str, num_samples: int, config: CanvasConfig = Canva
     targets = torch.zeros(num_samples, NUM_CLASSES, dtype=torch.bool)
     sources = torch.full((num_samples, config.max_digits), -1, dtype=torch.long)
     for i in range(num_samples):
-        canvas = canvases[i]
-        _add_strokes(canvas, gen, config)
-        for slot, c in enumerate(_draw_classes(gen, config)):
-            source = int(by_class[c][torch.randint(len(by_class[c]), (), generator=gen)])
-            side = int(torch.randint(config.digit_sizes[0], config.digit_sizes[1] + 1, (), generator=gen))
-            digit = F.interpolate(images[source][None, None], size=(side, side), mode="bilinear",
-                                  align_corners=False)[0, 0]
-            y, x = torch.randint(config.size - side + 1, (2,), generator=gen).tolist()
-            canvas[y:y + side, x:x + side] = torch.maximum(canvas[y:y + side, x:x + side], digit)
+        for slot, (c, source, _) in enumerate(place_digits(canvases[i], gen, config, images, by_class)):
             targets[i, c] = True
             sources[i, slot] = source
     canvases += config.noise * torch.randn(canvases.shape, generator=gen)
     return canvases[:, None], targets, sources
+
+
+def place_digits(canvas: torch.Tensor, gen: torch.Generator, config, images: torch.Tensor, by_class: list) -> list:
+    """Draw the background strokes and the digits of one canvas (S, S) in place; [(class, source image index,
+    box (x1, y1, x2, y2) of the digit's ink in pixel edges)] per placed digit, in drawing order. `config` needs
+    size, digit_sizes, strokes, min/max_digits and cooccurrence (CanvasConfig or alike)."""
+    _add_strokes(canvas, gen, config)
+    placed = []
+    for c in _draw_classes(gen, config):
+        source = int(by_class[c][torch.randint(len(by_class[c]), (), generator=gen)])
+        side = int(torch.randint(config.digit_sizes[0], config.digit_sizes[1] + 1, (), generator=gen))
+        digit = F.interpolate(images[source][None, None], size=(side, side), mode="bilinear",
+                              align_corners=False)[0, 0]
+        y, x = torch.randint(config.size - side + 1, (2,), generator=gen).tolist()
+        canvas[y:y + side, x:x + side] = torch.maximum(canvas[y:y + side, x:x + side], digit)
+        rows, cols = (digit > INK).any(1).nonzero()[:, 0], (digit > INK).any(0).nonzero()[:, 0]
+        box = (x + int(cols[0]), y + int(rows[0]), x + int(cols[-1]) + 1, y + int(rows[-1]) + 1) if len(rows) else (
+            x, y, x + side, y + side)
+        placed.append((c, source, box))
+    return placed
 
 
 class DigitCanvases(torch.utils.data.Dataset):

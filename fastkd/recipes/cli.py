@@ -6,12 +6,12 @@ import argparse
 import sys
 import time
 
-from fastkd.recipes import config, distributed, l2d, mltr, report, tat, tat_seg
+from fastkd.recipes import config, distributed, l2d, lgd, mltr, report, tat, tat_seg
 from fastkd.recipes.checkpoints import CheckpointError
 from fastkd.recipes.config import ConfigError
 from fastkd.recipes.engine import NonFiniteLossError
 
-RECIPES = {recipe.name: recipe for recipe in (l2d.RECIPE, tat.RECIPE, tat_seg.RECIPE, mltr.RECIPE)}
+RECIPES = {recipe.name: recipe for recipe in (l2d.RECIPE, lgd.RECIPE, mltr.RECIPE, tat.RECIPE, tat_seg.RECIPE)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,7 +32,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dat
           run_dir: str, ctx: Context, seed: int = 0, resume: bool = True, name: str = "", num_workers: int = 0,
           scheduler=None, scaler: Optional[torch.amp.GradScaler] = None, config: Optional[dict] = None,
           eval_every: int = 1, grad_clip: Optional[float] = None, accumulate_steps: int = 1,
-          on_nonfinite: str = "stop", collate_fn=None) -> List[dict]:
+          on_nonfinite: str = "stop", collate_fn=None, find_unused_parameters: bool = False) -> List[dict]:
     """Train `model` and return the history (one dict of metrics per epoch).
 
     step(model, batch, epoch) -> loss, or {term name: weighted term} whose sum is the loss; model is DDP-wrapped
@@ -48,7 +48,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dat
     epoch, history and `config` (the settings that change results). With `resume`, a run finding last.pt
     continues it if its recorded config equals `config` (and the world size), and refuses otherwise, naming the
     fields that differ. Shuffling is seeded by (seed, epoch), so a resumed run sees the batches the
-    uninterrupted one would.
+    uninterrupted one would. find_unused_parameters: passed to DDP, for models some of whose parameters get no
+    gradient in some steps (e.g. a body frozen for the first iterations).
     """
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
@@ -59,7 +60,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Dat
         start, history = _resume(checkpoint_path, recorded, model, optimizer, scheduler, scaler, ctx)
     logs = _Logs(run_dir, name, history, ctx) if ctx.is_main else None
     wrapped = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda"
-                                                         else None) if ctx.distributed else model)
+                                                         else None, find_unused_parameters=find_unused_parameters)
+               if ctx.distributed else model)
     sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
                         collate_fn=collate_fn)
