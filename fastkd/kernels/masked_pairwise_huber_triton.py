@@ -27,6 +27,7 @@ from fastkd.kernels.common import acc_dtype
 
 BLOCK_N = 32
 BLOCK_D = 64
+BLOCK_D_FP32 = 32  # tf32x3 splits each fp32 operand in two: 64 spills on sm_80 / sm_90 (AOT check)
 NUM_WARPS = 4
 
 
@@ -155,6 +156,9 @@ def _pair_grad_kernel(s_ptr, ssg, ssn, ssd, t_ptr, tsg, tsn, tsd, members_ptr, c
                     io_mask = valid_i[:, None] & in_d[None, :]
                     partial = tl.dot(weights, x_j, input_precision=ACC_PRECISION, out_dtype=ACC)
                     tl.store(acc_ptrs, tl.load(acc_ptrs, mask=io_mask, other=0.0) + partial, mask=io_mask)
+                    # the next read of these rows (next column tile, or the epilogue) may come from other threads
+                    # of this program (Triton picks each access's thread layout): order it after this store
+                    tl.debug_barrier()
         # grad_i = rowsum_i (x_i - ref) - sum_j W_ij (x_j - ref): the reference row cancels
         rows_i, valid_i, _, _, _, ref = _tile(members_ptr, counts_ptr, queries_ptr, max_n, g, ti, 0, BLOCK_N)
         for d0 in range(0, Ds, BLOCK_D):
@@ -172,7 +176,8 @@ def _launch_options(dtype):
     """Dot precision for the input dtype (tf32x3 keeps fp32 accuracy on tensor cores) and accumulation."""
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     return dict(PRECISION="tf32x3" if dtype == torch.float32 else "ieee", ACC=acc,
-                BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+                BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D_FP32 if dtype == torch.float32 else BLOCK_D,
+                num_warps=8 if dtype == torch.float32 else NUM_WARPS)
 
 
 def _tiles(max_n: int) -> int:

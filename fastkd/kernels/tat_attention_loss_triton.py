@@ -43,8 +43,10 @@ SMALL_TOKENS = 64  # key (forward) or key and query (backward) counts handled by
 #   k: channel chunk of the S = q k^T and dP' = E v^T reductions    chunk: output channel chunk, one-tile layouts
 #   forward, dkdv, dq: (query tile, key tile, channel tile) of the general layouts
 _BLOCKS = {
-    2: dict(k=64, chunk=64, small_backward_chunk=64, forward=(32, 64, 256), dkdv=(64, 32, 256), dq=(64, 64, 256)),
-    4: dict(k=32, chunk=64, small_backward_chunk=32, forward=(64, 32, 128), dkdv=(32, 16, 128), dq=(32, 32, 128)),
+    2: dict(k=64, chunk=64, small_backward_chunk=64, one_tile_queries=64,
+            forward=(32, 64, 256, 8), dkdv=(64, 32, 256, 8), dq=(64, 32, 256, 8)),
+    4: dict(k=32, chunk=64, small_backward_chunk=32, one_tile_queries=32,
+            forward=(32, 32, 128, 8), dkdv=(32, 16, 128, 8), dq=(32, 32, 128, 8)),
 }
 
 
@@ -164,22 +166,26 @@ def _backward_small_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_p
                   BLOCK_K, PRECISION, ACC) * scale
     lse = tl.load(lse_ptr + b * N + rows, mask=valid_rows, other=0.0)
     p = tl.where(valid_rows[:, None] & valid_cols[None, :], tl.exp(s - lse[:, None]), 0.0)
-    dp = _row_dots(r_base, s_rn, s_rc, rows, valid_rows, v_base, s_vn, s_vc, cols, valid_cols, Cv,
-                   BLOCK_K, PRECISION, ACC)
-    ds = p * (dp - tl.load(rowdot_ptr + b * N + rows, mask=valid_rows, other=0.0)[:, None])
     w = tl.load(weight_ptr + b)
+    # one gradient per loop, in the order that keeps the fewest (BLOCK_M, BLOCK_N) tiles alive (P, then dS')
     for c0 in range(0, Cv, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         e = _load_tile(r_base, s_rn, s_rc, rows, valid_rows, c, c < Cv)
         dv = tl.dot(tl.trans(p).to(e.dtype), e, input_precision=PRECISION, out_dtype=ACC)
         _store_tile(dv_ptr + b * s_dvb, s_dvn, s_dvc, cols, valid_cols, c, c < Cv, dv * w)
+    dp = _row_dots(r_base, s_rn, s_rc, rows, valid_rows, v_base, s_vn, s_vc, cols, valid_cols, Cv,
+                   BLOCK_K, PRECISION, ACC)
+    ds = p * (dp - tl.load(rowdot_ptr + b * N + rows, mask=valid_rows, other=0.0)[:, None])
     for c0 in range(0, Cq, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         k = _load_tile(k_base, s_kn, s_kc, cols, valid_cols, c, c < Cq)
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
         _store_tile(dq_ptr + b * s_dqb, s_dqn, s_dqc, rows, valid_rows, c, c < Cq, dq * (w * scale))
+    ds_t = tl.trans(ds)
+    for c0 in range(0, Cq, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
         q = _load_tile(q_base, s_qn, s_qc, rows, valid_rows, c, c < Cq)
-        dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
+        dk = tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
         _store_tile(dk_ptr + b * s_dkb, s_dkn, s_dkc, cols, valid_cols, c, c < Cq, dk * (w * scale))
 
 
@@ -274,9 +280,10 @@ def tat_forward(query, key, value, target, scale: float, store_residual: bool):
     acc, blocks = acc_dtype(query.dtype), _blocks(query.dtype)
     one_key_tile = M <= SMALL_TOKENS
     if one_key_tile:
-        block_m, block_n, block_cv = min(_tile(N), SMALL_TOKENS), _tile(M), blocks["chunk"]
+        block_m, block_n, block_cv = min(_tile(N), blocks["one_tile_queries"]), _tile(M), blocks["chunk"]
+        warps = _warps(block_m, block_n)
     else:
-        block_m, block_n, block_cv = blocks["forward"]
+        block_m, block_n, block_cv, warps = blocks["forward"]
     row_tiles = triton.cdiv(N, block_m)
     channel_tiles = 1 if one_key_tile else max(triton.cdiv(Cv, block_cv), 1)
     residual = torch.empty((B, N, Cv), dtype=query.dtype, device=query.device) if store_residual else None
@@ -289,7 +296,7 @@ def tat_forward(query, key, value, target, scale: float, store_residual: bool):
             *((residual, *residual.stride()) if store_residual else (query, 0, 0, 0)),  # query: an unused stand-in
             lse, rowdot, losses, B, N, M, Cq, Cv, scale, row_tiles,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_CV=block_cv, ONE_KEY_TILE=one_key_tile,
-            STORE_RESIDUAL=store_residual, num_warps=_warps(block_m, block_n), **_options(query.dtype))
+            STORE_RESIDUAL=store_residual, num_warps=warps, **_options(query.dtype))
     if not store_residual:
         return losses.sum(1), lse, rowdot.new_empty(0), query.new_empty(0)
     return losses.sum(1), lse, rowdot.sum(0), residual
@@ -312,14 +319,14 @@ def tat_backward(weight, query, key, value, residual, lse, rowdot, scale: float)
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=blocks["small_backward_chunk"],
             num_warps=_warps(block_m, block_n), **_options(query.dtype))
         return dq, dk, dv
-    block_m, block_n, block_c = blocks["dkdv"]
+    block_m, block_n, block_c, warps = blocks["dkdv"]
     col_tiles = triton.cdiv(M, block_n)
     _backward_dkdv_kernel[(B * col_tiles, max(triton.cdiv(max(Cq, Cv), block_c), 1))](
         *inputs, dk, *dk.stride(), dv, *dv.stride(), N, M, Cq, Cv, scale, col_tiles,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=8, **_options(query.dtype))
-    block_m, block_n, block_c = blocks["dq"]
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, **_options(query.dtype))
+    block_m, block_n, block_c, warps = blocks["dq"]
     row_tiles = triton.cdiv(N, block_m)
     _backward_dq_kernel[(B * row_tiles, max(triton.cdiv(Cq, block_c), 1))](
         *inputs, dq, *dq.stride(), N, M, Cq, Cv, scale, row_tiles,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=8, **_options(query.dtype))
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, **_options(query.dtype))
     return dq, dk, dv
