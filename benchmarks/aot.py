@@ -30,9 +30,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, List
 
-# a private cache: a cached kernel skips ptxas, whose report is what this module reads
-os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="fastkd-aot-cache-"))
-os.environ.pop("TRITON_INTERPRET", None)
+if __name__ == "__main__":  # before triton is imported:
+    # a private cache (a cached kernel skips ptxas, whose report is what this module reads), and the compiler
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="fastkd-aot-cache-"))
+    os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -209,6 +210,24 @@ def _ptxas_log():
         knobs.dump_ptxas_log = saved
 
 
+_TASKS = []  # (specialisation, arch), inherited by forked compiler processes
+
+
+def _compile_task(index: int) -> dict:
+    return compile_one(*_TASKS[index])
+
+
+def compile_all(specs: List[Specialisation], archs: List[int], jobs: int):
+    """Rows in order, compiled by `jobs` forked processes (each compile runs ptxas: CPU-bound)."""
+    _TASKS[:] = [(spec, arch) for spec in specs for arch in archs]
+    if jobs <= 1:
+        yield from map(_compile_task, range(len(_TASKS)))
+        return
+    import multiprocessing
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        yield from pool.imap(_compile_task, range(len(_TASKS)))
+
+
 def problems(row: dict) -> List[str]:
     if row.get("error"):
         return [row["error"].splitlines()[0]]
@@ -263,11 +282,14 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(ARCH_LIMITS))
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--only", default="", help="compile only kernels whose name contains one of these (comma-separated)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: CPUs)")
     parser.add_argument("--match", default="", help="compile only specialisations one of whose cases (op shape "
                         "dtype layout) contains this")
     args = parser.parse_args(argv)
 
-    from benchmarks.aot_cases import all_cases  # after the interpreter was switched off
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("run with the Triton interpreter off (TRITON_INTERPRET unset): it compiles nothing")
+    from benchmarks.aot_cases import all_cases
     cases = [c for c in all_cases() if args.full or c.quick]
     only = args.only.split(",")
     specs = [s for s in specialisations(cases)
@@ -276,17 +298,15 @@ def main(argv=None) -> int:
     print(f"triton {triton.__version__}: {len(cases)} cases, {len(specs)} specialisations, "
           f"archs {args.arch} ({sweep})", flush=True)
     rows, failed, started = [], [], time.perf_counter()
-    for spec in specs:
-        for arch in args.arch:
-            row = compile_one(spec, arch)
-            row["problems"] = problems(row)
-            rows.append(row)
-            status = "; ".join(row["problems"]) or "ok"
-            print(f"  {spec.name} sm_{arch} w{spec.num_warps} s{spec.num_stages} "
-                  f"{ {k: v for k, v in row['constexprs'].items() if k.startswith(('BLOCK', 'ONE', 'PREC'))} } "
-                  f"regs {row.get('registers')} shared {row.get('shared')}: {status}", flush=True)
-            if row["problems"]:
-                failed.append(row)
+    for row in compile_all(specs, args.arch, args.jobs):
+        row["problems"] = problems(row)
+        rows.append(row)
+        status = "; ".join(row["problems"]) or "ok"
+        print(f"  {row['kernel']} sm_{row['arch']} w{row['num_warps']} s{row['num_stages']} "
+              f"{ {k: v for k, v in row['constexprs'].items() if k.startswith(('BLOCK', 'ONE', 'PREC'))} } "
+              f"regs {row.get('registers')} shared {row.get('shared')}: {status}", flush=True)
+        if row["problems"]:
+            failed.append(row)
     elapsed = time.perf_counter() - started
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"aot-triton{triton.__version__}" + ("" if args.full else "-quick"))

@@ -32,22 +32,46 @@ import triton
 import triton.language as tl
 
 from fastkd.kernels.common import acc_dtype
-from fastkd.kernels.triton_utils import compute_dtype
+from fastkd.kernels.triton_utils import autotune, compute_dtype
 
 SMALL_TOKENS = 64  # key (forward) or key and query (backward) counts handled by one tile
 
 # Block sizes per operand size in bytes (fp64 takes the fp32 ones; it only serves float64 checks). Chosen so
-# that every kernel compiles for sm_90 without register spills (checked by ahead-of-time compilation with
-# ptxas -v, inputs contiguous along channels or along tokens); not autotuned on a GPU. tf32x3 splits each fp32
-# operand in two, hence the smaller fp32 tiles. Keys:
+# that every kernel and every warp candidate below compiles for sm_90 and sm_80 without register spills, with
+# Triton 3.6 and 3.8, inputs contiguous along channels or along tokens (benchmarks/aot.py checks it in the tests).
+# tf32x3 splits each fp32 operand in two, hence the smaller fp32 tiles (a 32-query one-tile forward: 64 spilled
+# 500+ bytes on sm_80). They size the grid, so they are chosen here, not autotuned. Keys:
 #   k: channel chunk of the S = q k^T and dP' = E v^T reductions    chunk: output channel chunk, one-tile layouts
+#   one_tile_queries: query tile of the one-tile forward
+#   small_backward_precision: the one-program backward holds P and dS' (64 x 64) for all its dots; with tf32x3
+#     operands (each split in two) it spilled 70-220 bytes on sm_80 whatever the chunks, so fp32 runs its dots as
+#     exact fp32 FMAs there (more accurate than tf32x3; slower per FLOP, and these shapes are small)
 #   forward, dkdv, dq: (query tile, key tile, channel tile) of the general layouts
 _BLOCKS = {
     2: dict(k=64, chunk=64, small_backward_chunk=64, one_tile_queries=64,
-            forward=(32, 64, 256, 8), dkdv=(64, 32, 256, 8), dq=(64, 32, 256, 8)),
-    4: dict(k=32, chunk=64, small_backward_chunk=32, one_tile_queries=32,
-            forward=(32, 32, 128, 8), dkdv=(32, 16, 128, 8), dq=(32, 32, 128, 8)),
+            forward=(32, 64, 256), dkdv=(64, 32, 256), dq=(64, 32, 256)),
+    4: dict(k=32, chunk=64, small_backward_chunk=16, one_tile_queries=32, small_backward_precision="ieee",
+            forward=(32, 32, 128), dkdv=(32, 16, 128), dq=(32, 32, 128)),
 }
+
+# Warps: autotuned on a GPU among the candidates that fit the launch's tile (first one under the interpreter),
+# keyed by the token counts and channel widths (fixed in a training run: no retuning in steady state).
+_CONFIGS = [triton.Config({}, num_warps=8, num_stages=3), triton.Config({}, num_warps=4, num_stages=3)]
+_KEY = ["N", "M", "Cq", "Cv"]
+
+
+def _fitting(configs, args):
+    """Candidates that compile without spills (benchmarks/aot.py, Triton 3.6 and 3.8, sm_80 and sm_90): fp32 with
+    tf32x3 (each operand held twice) 8 warps except 16 x 16 tiles; otherwise 4 warps below 2048-element tiles and
+    8 from there (4 spilled 16-420 bytes)."""
+    tile = args["BLOCK_M"] * args["BLOCK_N"]
+    small = tile <= 256 if args["PRECISION"] == "tf32x3" else tile < 2048
+    kept = [c for c in configs if c.num_warps == (4 if small else 8)]
+    return kept or configs[:1]
+
+
+def _tuned(kernel):
+    return autotune(_CONFIGS, _KEY, prune=_fitting)(kernel)
 
 
 @triton.jit
@@ -90,6 +114,7 @@ def _residual_epilogue(o, t_base, s_tn, s_tc, r_base, s_rn, s_rc, rows, valid_ro
     return loss_rows + tl.sum(e * e, axis=1), rowdot + tl.sum(e * o, axis=1)
 
 
+@_tuned
 @triton.jit
 def _forward_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_ptr, s_vb, s_vn, s_vc,
                     t_ptr, s_tb, s_tn, s_tc, r_ptr, s_rb, s_rn, s_rc, lse_ptr, rowdot_ptr, loss_ptr,
@@ -148,6 +173,7 @@ def _forward_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_ptr, s_v
         tl.store(lse_ptr + b * N + rows, m_i + tl.log(l_i), mask=valid_rows)
 
 
+@_tuned
 @triton.jit
 def _backward_small_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_ptr, s_vb, s_vn, s_vc,
                            r_ptr, s_rb, s_rn, s_rc, lse_ptr, rowdot_ptr, weight_ptr,
@@ -181,11 +207,10 @@ def _backward_small_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_p
         k = _load_tile(k_base, s_kn, s_kc, cols, valid_cols, c, c < Cq)
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
         _store_tile(dq_ptr + b * s_dqb, s_dqn, s_dqc, rows, valid_rows, c, c < Cq, dq * (w * scale))
-    ds_t = tl.trans(ds)
     for c0 in range(0, Cq, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         q = _load_tile(q_base, s_qn, s_qc, rows, valid_rows, c, c < Cq)
-        dk = tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
+        dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
         _store_tile(dk_ptr + b * s_dkb, s_dkn, s_dkc, cols, valid_cols, c, c < Cq, dk * (w * scale))
 
 
@@ -197,6 +222,7 @@ def _backward_program(tiles, size, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
     return (pid // tiles).to(tl.int64), index, index < size, tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
 
 
+@_tuned
 @triton.jit
 def _backward_dkdv_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_ptr, s_vb, s_vn, s_vc,
                           r_ptr, s_rb, s_rn, s_rc, lse_ptr, rowdot_ptr, weight_ptr,
@@ -228,6 +254,7 @@ def _backward_dkdv_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_pt
     _store_tile(dk_ptr + b * s_dkb, s_dkn, s_dkc, cols, valid_cols, c, c < Cq, dk * (w * scale))
 
 
+@_tuned
 @triton.jit
 def _backward_dq_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_ptr, s_vb, s_vn, s_vc,
                         r_ptr, s_rb, s_rn, s_rc, lse_ptr, rowdot_ptr, weight_ptr, dq_ptr, s_dqb, s_dqn, s_dqc,
@@ -263,13 +290,11 @@ def _tile(size: int) -> int:
     return max(triton.next_power_of_2(size), 16)
 
 
-def _options(dtype):
-    return dict(PRECISION="tf32x3" if dtype == torch.float32 else "ieee", ACC=compute_dtype(dtype),
+def _options(dtype, precision=None):
+    """Dot precision (tf32x3 for fp32 unless `precision` says otherwise), accumulation dtype, reduction chunk."""
+    default = "tf32x3" if dtype == torch.float32 else "ieee"
+    return dict(PRECISION=precision or default, ACC=compute_dtype(dtype),
                 BLOCK_K=_blocks(dtype)["k"])
-
-
-def _warps(*block) -> int:
-    return 8 if block[0] * block[1] >= 2048 else 4
 
 
 def tat_forward(query, key, value, target, scale: float, store_residual: bool):
@@ -281,9 +306,8 @@ def tat_forward(query, key, value, target, scale: float, store_residual: bool):
     one_key_tile = M <= SMALL_TOKENS
     if one_key_tile:
         block_m, block_n, block_cv = min(_tile(N), blocks["one_tile_queries"]), _tile(M), blocks["chunk"]
-        warps = _warps(block_m, block_n)
     else:
-        block_m, block_n, block_cv, warps = blocks["forward"]
+        block_m, block_n, block_cv = blocks["forward"]
     row_tiles = triton.cdiv(N, block_m)
     channel_tiles = 1 if one_key_tile else max(triton.cdiv(Cv, block_cv), 1)
     residual = torch.empty((B, N, Cv), dtype=query.dtype, device=query.device) if store_residual else None
@@ -296,7 +320,7 @@ def tat_forward(query, key, value, target, scale: float, store_residual: bool):
             *((residual, *residual.stride()) if store_residual else (query, 0, 0, 0)),  # query: an unused stand-in
             lse, rowdot, losses, B, N, M, Cq, Cv, scale, row_tiles,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_CV=block_cv, ONE_KEY_TILE=one_key_tile,
-            STORE_RESIDUAL=store_residual, num_warps=warps, **_options(query.dtype))
+            STORE_RESIDUAL=store_residual, **_options(query.dtype))
     if not store_residual:
         return losses.sum(1), lse, rowdot.new_empty(0), query.new_empty(0)
     return losses.sum(1), lse, rowdot.sum(0), residual
@@ -317,16 +341,16 @@ def tat_backward(weight, query, key, value, residual, lse, rowdot, scale: float)
         _backward_small_kernel[(B,)](
             *inputs, dq, *dq.stride(), dk, *dk.stride(), dv, *dv.stride(), N, M, Cq, Cv, scale,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=blocks["small_backward_chunk"],
-            num_warps=_warps(block_m, block_n), **_options(query.dtype))
+            **_options(query.dtype, blocks.get("small_backward_precision")))
         return dq, dk, dv
-    block_m, block_n, block_c, warps = blocks["dkdv"]
+    block_m, block_n, block_c = blocks["dkdv"]
     col_tiles = triton.cdiv(M, block_n)
     _backward_dkdv_kernel[(B * col_tiles, max(triton.cdiv(max(Cq, Cv), block_c), 1))](
         *inputs, dk, *dk.stride(), dv, *dv.stride(), N, M, Cq, Cv, scale, col_tiles,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, **_options(query.dtype))
-    block_m, block_n, block_c, warps = blocks["dq"]
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, **_options(query.dtype))
+    block_m, block_n, block_c = blocks["dq"]
     row_tiles = triton.cdiv(N, block_m)
     _backward_dq_kernel[(B * row_tiles, max(triton.cdiv(Cq, block_c), 1))](
         *inputs, dq, *dq.stride(), N, M, Cq, Cv, scale, row_tiles,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, **_options(query.dtype))
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, **_options(query.dtype))
     return dq, dk, dv
