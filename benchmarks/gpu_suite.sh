@@ -63,7 +63,10 @@ tail -25 "$OUT/gpu_check.log"
 
 if (( ! QUICK )); then
   # CUDA-parametrised tests only (the CPU and interpreter ones run in CI); -x off: see every failure
-  step tests 150 $PY -m pytest tests -q -rfEs -p no:cacheprovider -k cuda --durations=10
+  # pytest-xdist (on the lent image) spreads them over 8 processes: their time is mostly Triton compilation, one
+  # CPU core each; correctness tests may share the GPU
+  parallel=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+  step tests 150 $PY -m pytest tests -q -rfEs -p no:cacheprovider -k cuda --durations=10 $parallel
   tail -15 "$OUT/tests.log"
   cp "$OUT/tests.log" benchmarks/results/tests-cuda.log 2>/dev/null
   # one process per op so that each writes its JSON even if a later one is cut; torch.compile baselines are left

@@ -43,6 +43,7 @@ SMALL_TOKENS = 64  # key (forward) or key and query (backward) counts handled by
 # 500+ bytes on sm_80). They size the grid, so they are chosen here, not autotuned. Keys:
 #   k: channel chunk of the S = q k^T and dP' = E v^T reductions    chunk: output channel chunk, one-tile layouts
 #   one_tile_queries: query tile of the one-tile forward
+#   backward_k: channel chunk of the S and dP' reductions in the split backward (fp32: 32 spilled 16-36 bytes)
 #   small_backward_precision: the one-program backward holds P and dS' (64 x 64) for all its dots; with tf32x3
 #     operands (each split in two) it spilled 70-220 bytes on sm_80 whatever the chunks, so fp32 runs its dots as
 #     exact fp32 FMAs there (more accurate than tf32x3; slower per FLOP, and these shapes are small)
@@ -51,6 +52,7 @@ _BLOCKS = {
     2: dict(k=64, chunk=64, small_backward_chunk=64, one_tile_queries=64,
             forward=(32, 64, 256), dkdv=(64, 32, 256), dq=(64, 32, 256)),
     4: dict(k=32, chunk=64, small_backward_chunk=16, one_tile_queries=32, small_backward_precision="ieee",
+            backward_k=16,
             forward=(32, 32, 128), dkdv=(32, 16, 128), dq=(32, 32, 128)),
 }
 
@@ -290,11 +292,10 @@ def _tile(size: int) -> int:
     return max(triton.next_power_of_2(size), 16)
 
 
-def _options(dtype, precision=None):
+def _options(dtype, precision=None, block_k=None):
     """Dot precision (tf32x3 for fp32 unless `precision` says otherwise), accumulation dtype, reduction chunk."""
     default = "tf32x3" if dtype == torch.float32 else "ieee"
-    return dict(PRECISION=precision or default, ACC=compute_dtype(dtype),
-                BLOCK_K=_blocks(dtype)["k"])
+    return dict(PRECISION=precision or default, ACC=compute_dtype(dtype), BLOCK_K=block_k or _blocks(dtype)["k"])
 
 
 def tat_forward(query, key, value, target, scale: float, store_residual: bool):
@@ -347,10 +348,12 @@ def tat_backward(weight, query, key, value, residual, lse, rowdot, scale: float)
     col_tiles = triton.cdiv(M, block_n)
     _backward_dkdv_kernel[(B * col_tiles, max(triton.cdiv(max(Cq, Cv), block_c), 1))](
         *inputs, dk, *dk.stride(), dv, *dv.stride(), N, M, Cq, Cv, scale, col_tiles,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, **_options(query.dtype))
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
+        **_options(query.dtype, block_k=blocks.get("backward_k")))
     block_m, block_n, block_c = blocks["dq"]
     row_tiles = triton.cdiv(N, block_m)
     _backward_dq_kernel[(B * row_tiles, max(triton.cdiv(Cq, block_c), 1))](
         *inputs, dq, *dq.stride(), N, M, Cq, Cv, scale, row_tiles,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, **_options(query.dtype))
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
+        **_options(query.dtype, block_k=blocks.get("backward_k")))
     return dq, dk, dv
