@@ -8,10 +8,10 @@ Forward, one program per (batch item, BLOCK_M queries), two layouts:
   * all keys fit one tile (M <= SMALL_TOKENS: patch groups, 7x7 classification maps): P is computed once,
     exactly, and the program loops over Cv chunks (O_c = P V_c): no recomputation at any Cv.
   * otherwise online softmax over key tiles with an O accumulator (BLOCK_M, BLOCK_CV) in registers; Cv wider
-    than BLOCK_CV (256 for fp16/bf16, 128 for fp32) is split over a second grid axis, each Cv tile
-    recomputing QK^T (extra cost (Cv / BLOCK_CV - 1) QK^T). A (BLOCK_M, Cv) accumulator would not fit in
-    registers and round-tripping it through memory per key tile costs more traffic; the TaT shapes with
-    many keys (anchor points, full maps) have Cv = 256: one tile in fp16/bf16, two in fp32.
+    than BLOCK_CV (128) is split over a second grid axis, each Cv tile recomputing QK^T (extra cost
+    (Cv / BLOCK_CV - 1) QK^T). A (BLOCK_M, Cv) accumulator would not fit in registers and round-tripping it
+    through memory per key tile costs more traffic; the TaT shapes with many keys (anchor points, full maps)
+    have Cv = 256: two tiles (a 256-wide fp16/bf16 tile spilled on sm_80 with Triton 3.6).
   It stores per row lse = log sum_j exp(S_ij) and rowdot = sum_c E O (fp32), per program one loss partial
   (summed afterwards in a fixed order: deterministic), and, when a gradient is needed, E itself (B, N, Cv) in
   the input dtype: dO = w_b E with w_b = 2 * upstream grad * reduction factor, so E is all the backward
@@ -40,7 +40,9 @@ SMALL_TOKENS = 64  # key (forward) or key and query (backward) counts handled by
 # that every kernel and every warp candidate below compiles for sm_90 and sm_80 without register spills, with
 # Triton 3.6 and 3.8, inputs contiguous along channels or along tokens (benchmarks/aot.py checks it in the tests).
 # tf32x3 splits each fp32 operand in two, hence the smaller fp32 tiles (a 32-query one-tile forward: 64 spilled
-# 500+ bytes on sm_80). They size the grid, so they are chosen here, not autotuned. Keys:
+# 500+ bytes on sm_80). They size the grid, so they are chosen here, not autotuned. Measured with Triton 3.6 (the
+# tighter one): fp16/bf16 forward (32, 64, 256) spilled 96-120 bytes on sm_80, dK/dV (64, 32, 256) 16-56 bytes;
+# fp32 dK/dV (32, 16, 128) 16-36 bytes on sm_80, dQ with 32-channel S chunks 24-36 bytes. Keys:
 #   k: channel chunk of the S = q k^T and dP' = E v^T reductions    chunk: output channel chunk, one-tile layouts
 #   one_tile_queries: query tile of the one-tile forward
 #   backward_k: channel chunk of the S and dP' reductions in the split backward (fp32: 32 spilled 16-36 bytes)
@@ -50,10 +52,10 @@ SMALL_TOKENS = 64  # key (forward) or key and query (backward) counts handled by
 #   forward, dkdv, dq: (query tile, key tile, channel tile) of the general layouts
 _BLOCKS = {
     2: dict(k=64, chunk=64, small_backward_chunk=64, one_tile_queries=64,
-            forward=(32, 64, 256), dkdv=(64, 32, 256), dq=(64, 32, 256)),
+            forward=(32, 64, 128), dkdv=(32, 32, 256), dq=(64, 32, 256)),
     4: dict(k=32, chunk=64, small_backward_chunk=16, one_tile_queries=32, small_backward_precision="ieee",
             backward_k=16,
-            forward=(32, 32, 128), dkdv=(32, 16, 128), dq=(32, 32, 128)),
+            forward=(32, 32, 128), dkdv=(32, 16, 64), dq=(32, 32, 128)),
 }
 
 # Warps: autotuned on a GPU among the candidates that fit the launch's tile (first one under the interpreter),
@@ -64,8 +66,8 @@ _KEY = ["N", "M", "Cq", "Cv"]
 
 def _fitting(configs, args):
     """Candidates that compile without spills (benchmarks/aot.py, Triton 3.6 and 3.8, sm_80 and sm_90): fp32 with
-    tf32x3 (each operand held twice) 8 warps except 16 x 16 tiles; otherwise 4 warps below 2048-element tiles and
-    8 from there (4 spilled 16-420 bytes)."""
+    tf32x3 (each operand held twice) 8 warps except 16 x 16 tiles (4 spilled); otherwise 4 warps below
+    2048-element tiles and 8 from there (4 spilled 16-420 bytes)."""
     tile = args["BLOCK_M"] * args["BLOCK_N"]
     small = tile <= 256 if args["PRECISION"] == "tf32x3" else tile < 2048
     kept = [c for c in configs if c.num_warps == (4 if small else 8)]
