@@ -35,8 +35,8 @@ def compare(fn, ref, inputs, grad_inputs, dtype, device, keep=()):
     on the float64 CPU copies; inputs[i] for i in `keep` (boxes) keep their dtype."""
     ours = [x.to(device, dtype).requires_grad_(i in grad_inputs) if x.is_floating_point() and i not in keep
             else x.to(device) for i, x in enumerate(inputs)]
-    exact = [x.double().requires_grad_(i in grad_inputs) if x.is_floating_point() else x
-             for i, x in enumerate(inputs)]
+    exact = [x.double().clone().requires_grad_(i in grad_inputs) if x.is_floating_point() else x
+             for i, x in enumerate(inputs)]  # clone: the inputs stay leaves without grad for the next dtype
     out, want = fn(*ours), ref(*exact)
     out, want = (out if isinstance(out, (list, tuple)) else [out]), (want if isinstance(want, (list, tuple)) else [want])
     errors = {f"out{i}": relative_error(o, w) for i, (o, w) in enumerate(zip(out, want))}
