@@ -282,6 +282,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(ARCH_LIMITS))
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--only", default="", help="compile only kernels whose name contains one of these (comma-separated)")
+    parser.add_argument("--merge", action="store_true", help="replace only the compiled kernels' rows of an "
+                        "existing report of the same Triton version and sweep (a re-check after a change)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: CPUs)")
     parser.add_argument("--match", default="", help="compile only specialisations one of whose cases (op shape "
                         "dtype layout) contains this")
@@ -310,19 +312,28 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - started
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"aot-triton{triton.__version__}" + ("" if args.full else "-quick"))
+    command = " ".join(["python -m benchmarks.aot"] + (argv if argv is not None else sys.argv[1:]))
     meta = dict(triton=triton.__version__, torch=torch.__version__, sweep=sweep, archs=args.arch, cases=len(cases),
                 specialisations=len(specs), compiled=len(rows), failed=len(failed), seconds=round(elapsed, 1),
-                command=" ".join(["python -m benchmarks.aot"] + (argv if argv is not None else sys.argv[1:])))
+                command=command)
+    if args.merge and os.path.exists(stem + ".json"):
+        # a re-check of some kernels after a change: their rows replace the earlier report's, the rest stay
+        earlier = json.load(open(stem + ".json"))
+        names = {row["kernel"] for row in rows}
+        rows = [row for row in earlier["rows"] if row["kernel"] not in names] + rows
+        failed = [row for row in rows if row["problems"]]
+        meta.update(specialisations=earlier["specialisations"], compiled=len(rows), failed=len(failed),
+                    seconds=round(earlier["seconds"] + elapsed, 1),
+                    command=f"{earlier['command']}; then {command} (rows of {', '.join(sorted(names))} replaced)")
     with open(stem + ".json", "w") as f:
         json.dump(dict(meta, rows=rows), f, indent=1)
     header = (f"AOT compile check, triton {meta['triton']}, torch {meta['torch']}, {sweep} sweep: {len(cases)} cases, "
-              f"{len(specs)} specialisations x {len(args.arch)} archs, {len(failed)} failing, {meta['seconds']} s "
-              f"(`{meta['command']}`)")
+              f"{meta['specialisations']} specialisations x {len(args.arch)} archs, {len(failed)} failing, "
+              f"{meta['seconds']} s of compilation (`{meta['command']}`)")
     with open(stem + ".md", "w") as f:
         f.write(markdown(rows, header))
     print(f"wrote {stem}.json/.md: {len(rows)} compiles, {len(failed)} failing, {elapsed:.0f} s")
     return 1 if failed else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
