@@ -82,38 +82,51 @@ def checks(gen):
            (0,), (1,))
 
 
+def run_check(index: int, seed: int, device: str):
+    """Rows (one per dtype) of check number `index`, inputs drawn from `seed`."""
+    name, fn, ref, inputs, grads, *keep = list(checks(torch.Generator().manual_seed(seed)))[index]
+    device, rows = torch.device(device), []
+    for dtype in (torch.float32, torch.bfloat16):
+        started = time.perf_counter()
+        try:
+            errors = compare(fn, ref, inputs, grads, dtype, device, *keep)
+            ok, error = all(e <= TOLERANCE[dtype] for e in errors.values()), None  # NaN fails
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 (report and go on)
+            errors, ok, error = {}, False, f"{type(exc).__name__}: {str(exc)[:500]}"
+        rows.append(dict(check=name, dtype=str(dtype), ok=ok, errors=errors, error=error,
+                         seconds=time.perf_counter() - started))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--jobs", type=int, default=1, help="processes (Triton compiles one kernel per CPU core)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    gen = torch.Generator().manual_seed(int(time.time()))  # fresh inputs every run
-    rows, failed = [], 0
-    for name, fn, ref, inputs, grads, *keep in checks(gen):
-        for dtype in (torch.float32, torch.bfloat16):
-            started = time.perf_counter()
-            try:
-                errors = compare(fn, ref, inputs, grads, dtype, device, *keep)
-                ok = all(e <= TOLERANCE[dtype] for e in errors.values())  # NaN fails
-                error = None
-            except Exception as exc:  # noqa: BLE001 (report and go on)
-                errors, ok, error = {}, False, f"{type(exc).__name__}: {str(exc)[:500]}"
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - started
-            failed += not ok
-            rows.append(dict(check=name, dtype=str(dtype), ok=ok, errors=errors, error=error, seconds=seconds))
-            worst = max(errors.values(), default=float("nan"))
-            print(f"{'ok  ' if ok else 'FAIL'} {name} {str(dtype)[6:]}: worst relative error {worst:.2e} "
-                  f"({seconds:.1f} s){' ' + error if error else ''}", flush=True)
+    seed = int(time.time())  # fresh inputs every run
+    indices = range(len(list(checks(torch.Generator().manual_seed(seed)))))
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(run_check, indices, [seed] * len(indices), [args.device] * len(indices)))
+    else:
+        results = [run_check(i, seed, args.device) for i in indices]
+    rows = [row for result in results for row in result]
+    failed = sum(not row["ok"] for row in rows)
+    for row in rows:
+        worst = max(row["errors"].values(), default=float("nan"))
+        print(f"{'ok  ' if row['ok'] else 'FAIL'} {row['check']} {row['dtype'][6:]}: worst relative error "
+              f"{worst:.2e} ({row['seconds']:.1f} s){' ' + row['error'] if row['error'] else ''}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(device=str(torch.cuda.get_device_name() if device.type == "cuda" else device),
+            json.dump(dict(device=torch.cuda.get_device_name() if args.device == "cuda" else args.device, seed=seed,
                            torch=torch.__version__, rows=rows, failed=failed), f, indent=1)
     print(f"{len(rows) - failed} passed, {failed} failed")
     return 1 if failed else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -58,7 +58,7 @@ if ! step install 150 env FASTKD_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_J
 fi
 step extension 30 $PY -c "import fastkd; print('fastkd extension:', fastkd.extension_info())"
 
-step gpu_check 90 $PY -m benchmarks.gpu_check --out "$OUT/gpu_check.json"
+step gpu_check 90 $PY -m benchmarks.gpu_check --jobs 8 --out "$OUT/gpu_check.json"
 tail -25 "$OUT/gpu_check.log"
 
 if (( ! QUICK )); then
