@@ -50,11 +50,16 @@ SMALL_TOKENS = 64  # key (forward) or key and query (backward) counts handled by
 #     operands (each split in two) it spilled 70-220 bytes on sm_80 whatever the chunks, so fp32 runs its dots as
 #     exact fp32 FMAs there (more accurate than tf32x3; slower per FLOP, and these shapes are small)
 #   forward, dkdv, dq: (query tile, key tile, channel tile) of the general layouts
+# fp32's one-program backward (exact FMA dots) compiles without spills as 4 warps with 32-channel S chunks under
+# Triton 3.6 (8 warps with 16-channel chunks spilled 84 bytes there), and as 8 warps with 16-channel chunks under
+# Triton 3.8 (4 warps spilled 304 bytes): each version gets the setting that fits it (3.7 not checked).
+_NEWER_PTXAS_CHOICES = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 7)
+
 _BLOCKS = {
     2: dict(k=64, chunk=64, small_backward_chunk=64, one_tile_queries=64,
             forward=(32, 64, 128), dkdv=(32, 32, 256), dq=(64, 32, 256)),
     4: dict(k=32, chunk=64, small_backward_chunk=16, one_tile_queries=32, small_backward_precision="ieee",
-            backward_k=16,
+            backward_k=16, small_backward_k=16 if _NEWER_PTXAS_CHOICES else 32,
             forward=(32, 32, 128), dkdv=(32, 16, 64), dq=(32, 32, 128)),
 }
 
@@ -67,13 +72,13 @@ _KEY = ["N", "M", "Cq", "Cv"]
 def _fitting(configs, args):
     """Candidates that compile without spills (benchmarks/aot.py, Triton 3.6 and 3.8, sm_80 and sm_90): fp32 with
     tf32x3 (each operand held twice) 8 warps except 16 x 16 tiles (4 spilled); fp32 with exact FMA dots (the
-    one-program backward) 4 (8 spilled 32-72 bytes with Triton 3.8); fp16/bf16 4 warps below 2048-element tiles
+    one-program backward) as _NEWER_PTXAS_CHOICES says; fp16/bf16 4 warps below 2048-element tiles
     and 8 from there (4 spilled 16-420 bytes)."""
     tile = args["BLOCK_M"] * args["BLOCK_N"]
     if args["PRECISION"] == "tf32x3":
         warps = 4 if tile <= 256 else 8
     elif args["q_ptr"].dtype == torch.float32:
-        warps = 4
+        warps = 8 if _NEWER_PTXAS_CHOICES else 4
     else:
         warps = 4 if tile < 2048 else 8
     kept = [c for c in configs if c.num_warps == warps]
@@ -350,7 +355,7 @@ def tat_backward(weight, query, key, value, residual, lse, rowdot, scale: float)
         _backward_small_kernel[(B,)](
             *inputs, dq, *dq.stride(), dk, *dk.stride(), dv, *dv.stride(), N, M, Cq, Cv, scale,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=blocks["small_backward_chunk"],
-            **_options(query.dtype, blocks.get("small_backward_precision")))
+            **_options(query.dtype, blocks.get("small_backward_precision"), blocks.get("small_backward_k")))
         return dq, dk, dv
     block_m, block_n, block_c = blocks["dkdv"]
     col_tiles = triton.cdiv(M, block_n)
