@@ -69,6 +69,10 @@ if (( ! QUICK )); then
   step tests 150 $PY -m pytest tests -q -rfEs -p no:cacheprovider -k cuda --durations=10 $parallel
   tail -15 "$OUT/tests.log"
   cp "$OUT/tests.log" benchmarks/results/tests-cuda.log 2>/dev/null
+  # warm Triton's on-disk cache first: every benchmark case once, untimed, over 8 processes (compilation takes one
+  # core per kernel; the timed runs below then find every kernel compiled)
+  [[ -n "$parallel" ]] && step bench_warmup 100 $PY -m pytest benchmarks --benchmark --benchmark-disable -q \
+    -p no:cacheprovider -k "not torch_compile" $parallel
   # one process per op so that each writes its JSON even if a later one is cut; torch.compile baselines are left
   # out (their compilation alone takes minutes at these shapes)
   ops=(tat_attention_loss masked_pairwise_huber binary_kl_div box_ops host_overhead)
