@@ -72,15 +72,15 @@ _KEY = ["N", "M", "Cq", "Cv"]
 def _fitting(configs, args):
     """Candidates that compile without spills (benchmarks/aot.py, Triton 3.6 and 3.8, sm_80 and sm_90): fp32 with
     tf32x3 (each operand held twice) 8 warps except 16 x 16 tiles (4 spilled); fp32 with exact FMA dots (the
-    one-program backward) as _NEWER_PTXAS_CHOICES says; fp16/bf16 4 warps below 2048-element tiles
-    and 8 from there (4 spilled 16-420 bytes)."""
+    one-program backward) as _NEWER_PTXAS_CHOICES says; fp16/bf16 4 warps below 1024-element tiles
+    and 8 from there (4 spilled 16-420 bytes, dK/dV's 32 x 32 tile too)."""
     tile = args["BLOCK_M"] * args["BLOCK_N"]
     if args["PRECISION"] == "tf32x3":
         warps = 4 if tile <= 256 else 8
     elif args["q_ptr"].dtype == torch.float32:
         warps = 8 if _NEWER_PTXAS_CHOICES else 4
     else:
-        warps = 4 if tile < 2048 else 8
+        warps = 4 if tile < 1024 else 8
     kept = [c for c in configs if c.num_warps == warps]
     return kept or configs[:1]
 
