@@ -3,9 +3,13 @@ its row.
 
     python benchmarks/aot_merge.py FULL.json OUT_STEM RECHECK.json...
 """
-import json, sys, os
+import json
+import os
+import sys
+
 sys.path.insert(0, os.getcwd())
-from benchmarks.aot import markdown
+from benchmarks.aot import markdown  # noqa: E402
+
 base_path, out_stem, *rechecks = sys.argv[1:]
 base = json.load(open(base_path))
 # a specialisation: kernel, arch, the cases launching it, its constants (warps and BLOCK_K may differ after a
