@@ -227,7 +227,12 @@ def test_opcheck(native_device):
                               (values, boxes, batch_idx, IMAGE_SIZE, BATCH, [13, 21, 7, 11], mean))
 
 
-def test_torch_compile_fullgraph_forward_and_backward(native_device):
+def test_torch_compile_fullgraph_forward_and_backward(native_device, request):
+    if native_device.type == "cpu" and torch.__version__.startswith("2.11."):
+        from torch._inductor.exc import InductorError
+        request.applymarker(pytest.mark.xfail(raises=InductorError, reason=(
+            "torch 2.11's Inductor C++ code generation declares no `tmp5` for a transpose_mxn it emits in this "
+            "graph on CPU (g++: 'tmp5' was not declared in this scope); compiles with torch 2.14.1")))
     torch._dynamo.reset()
 
     def lgd_step(features, values, boxes, batch_idx, masks):

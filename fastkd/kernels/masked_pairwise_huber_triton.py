@@ -24,10 +24,19 @@ import triton
 import triton.language as tl
 
 from fastkd.kernels.common import acc_dtype
+from fastkd.kernels.triton_utils import autotune
 
-BLOCK_N = 32
-BLOCK_D = 64
-NUM_WARPS = 4
+BLOCK_N = 32  # members per tile; sizes the grid
+BLOCK_D = 64  # channel chunk of the Gram products, fp16/bf16
+BLOCK_D_FP32 = 32  # tf32x3 splits each fp32 operand in two: 64 spilled on sm_80 and sm_90 (benchmarks/aot.py)
+
+# Warps: autotuned on a GPU, keyed by the embedding widths (fixed in a training run; group sizes, which change
+# every batch, are not in the key). fp32 (tf32x3) only with 8 warps: 4 spill (AOT check).
+_CONFIGS = [triton.Config({}, num_warps=4, num_stages=3), triton.Config({}, num_warps=8, num_stages=3)]
+
+
+def _fitting(configs, args):
+    return [c for c in configs if c.num_warps == 8] if args["PRECISION"] == "tf32x3" else configs
 
 
 @triton.jit
@@ -87,6 +96,7 @@ def _huber_and_slope(u, delta):
     return h, tl.minimum(tl.maximum(u, -delta), delta)
 
 
+@autotune(_CONFIGS, key=["Ds", "Dt"], prune=_fitting)
 @triton.jit
 def _pair_pass_kernel(s_ptr, ssg, ssn, ssd, t_ptr, tsg, tsn, tsd, members_ptr, counts_ptr, queries_ptr, means_ptr,
                       out_ptr, max_n, tiles, Ds, Dt, delta,
@@ -117,6 +127,7 @@ def _pair_pass_kernel(s_ptr, ssg, ssn, ssd, t_ptr, tsg, tsn, tsd, members_ptr, c
         tl.store(out + 1, tl.sum(tl.sum(tl.where(pairs, second, 0.0), axis=1), axis=0))
 
 
+@autotune(_CONFIGS, key=["Ds", "Dt"], prune=_fitting, reset_to_zero=["acc_ptr"])  # acc: a scratch sum
 @triton.jit
 def _pair_grad_kernel(s_ptr, ssg, ssn, ssd, t_ptr, tsg, tsn, tsd, members_ptr, counts_ptr, queries_ptr, means_ptr,
                       coef_ptr, weight_ptr, row_offsets_ptr, acc_ptr, grad_ptr, gsg, gsn, gsd,
@@ -155,6 +166,9 @@ def _pair_grad_kernel(s_ptr, ssg, ssn, ssd, t_ptr, tsg, tsn, tsd, members_ptr, c
                     io_mask = valid_i[:, None] & in_d[None, :]
                     partial = tl.dot(weights, x_j, input_precision=ACC_PRECISION, out_dtype=ACC)
                     tl.store(acc_ptrs, tl.load(acc_ptrs, mask=io_mask, other=0.0) + partial, mask=io_mask)
+                    # the next read of these rows (next column tile, or the epilogue) may come from other threads
+                    # of this program (Triton picks each access's thread layout): order it after this store
+                    tl.debug_barrier()
         # grad_i = rowsum_i (x_i - ref) - sum_j W_ij (x_j - ref): the reference row cancels
         rows_i, valid_i, _, _, _, ref = _tile(members_ptr, counts_ptr, queries_ptr, max_n, g, ti, 0, BLOCK_N)
         for d0 in range(0, Ds, BLOCK_D):
@@ -172,7 +186,7 @@ def _launch_options(dtype):
     """Dot precision for the input dtype (tf32x3 keeps fp32 accuracy on tensor cores) and accumulation."""
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     return dict(PRECISION="tf32x3" if dtype == torch.float32 else "ieee", ACC=acc,
-                BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+                BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D_FP32 if dtype == torch.float32 else BLOCK_D)
 
 
 def _tiles(max_n: int) -> int:

@@ -8,10 +8,10 @@ Forward, one program per (batch item, BLOCK_M queries), two layouts:
   * all keys fit one tile (M <= SMALL_TOKENS: patch groups, 7x7 classification maps): P is computed once,
     exactly, and the program loops over Cv chunks (O_c = P V_c): no recomputation at any Cv.
   * otherwise online softmax over key tiles with an O accumulator (BLOCK_M, BLOCK_CV) in registers; Cv wider
-    than BLOCK_CV (256 for fp16/bf16, 128 for fp32) is split over a second grid axis, each Cv tile
-    recomputing QK^T (extra cost (Cv / BLOCK_CV - 1) QK^T). A (BLOCK_M, Cv) accumulator would not fit in
-    registers and round-tripping it through memory per key tile costs more traffic; the TaT shapes with
-    many keys (anchor points, full maps) have Cv = 256: one tile in fp16/bf16, two in fp32.
+    than BLOCK_CV (128) is split over a second grid axis, each Cv tile recomputing QK^T (extra cost
+    (Cv / BLOCK_CV - 1) QK^T). A (BLOCK_M, Cv) accumulator would not fit in registers and round-tripping it
+    through memory per key tile costs more traffic; the TaT shapes with many keys (anchor points, full maps)
+    have Cv = 256: two tiles (a 256-wide fp16/bf16 tile spilled on sm_80 with Triton 3.6).
   It stores per row lse = log sum_j exp(S_ij) and rowdot = sum_c E O (fp32), per program one loss partial
   (summed afterwards in a fixed order: deterministic), and, when a gradient is needed, E itself (B, N, Cv) in
   the input dtype: dO = w_b E with w_b = 2 * upstream grad * reduction factor, so E is all the backward
@@ -32,20 +32,61 @@ import triton
 import triton.language as tl
 
 from fastkd.kernels.common import acc_dtype
-from fastkd.kernels.triton_utils import compute_dtype
+from fastkd.kernels.triton_utils import autotune, compute_dtype
 
 SMALL_TOKENS = 64  # key (forward) or key and query (backward) counts handled by one tile
 
 # Block sizes per operand size in bytes (fp64 takes the fp32 ones; it only serves float64 checks). Chosen so
-# that every kernel compiles for sm_90 without register spills (checked by ahead-of-time compilation with
-# ptxas -v, inputs contiguous along channels or along tokens); not autotuned on a GPU. tf32x3 splits each fp32
-# operand in two, hence the smaller fp32 tiles. Keys:
+# that every kernel and every warp candidate below compiles for sm_90 and sm_80 without register spills, with
+# Triton 3.6 and 3.8, inputs contiguous along channels or along tokens (benchmarks/aot.py checks it in the tests).
+# tf32x3 splits each fp32 operand in two, hence the smaller fp32 tiles (a 32-query one-tile forward: 64 spilled
+# 500+ bytes on sm_80). They size the grid, so they are chosen here, not autotuned. Measured with Triton 3.6 (the
+# tighter one): fp16/bf16 forward (32, 64, 256) spilled 96-120 bytes on sm_80, dK/dV (64, 32, 256) 16-56 bytes;
+# fp32 dK/dV (32, 16, 128) 16-36 bytes on sm_80, dQ with 32-channel S chunks 24-36 bytes. Keys:
 #   k: channel chunk of the S = q k^T and dP' = E v^T reductions    chunk: output channel chunk, one-tile layouts
+#   one_tile_queries: query tile of the one-tile forward
+#   backward_k: channel chunk of the S and dP' reductions in the split backward (fp32: 32 spilled 16-36 bytes)
+#   small_backward_precision: the one-program backward holds P and dS' (64 x 64) for all its dots; with tf32x3
+#     operands (each split in two) it spilled 70-220 bytes on sm_80 whatever the chunks, so fp32 runs its dots as
+#     exact fp32 FMAs there (more accurate than tf32x3; slower per FLOP, and these shapes are small)
 #   forward, dkdv, dq: (query tile, key tile, channel tile) of the general layouts
+# fp32's one-program backward (exact FMA dots) compiles without spills as 4 warps with 32-channel S chunks under
+# Triton 3.6 (8 warps with 16-channel chunks spilled 84 bytes there), and as 8 warps with 16-channel chunks under
+# Triton 3.8 (4 warps spilled 304 bytes): each version gets the setting that fits it (3.7 not checked).
+_NEWER_PTXAS_CHOICES = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 7)
+
 _BLOCKS = {
-    2: dict(k=64, chunk=64, small_backward_chunk=64, forward=(32, 64, 256), dkdv=(64, 32, 256), dq=(64, 64, 256)),
-    4: dict(k=32, chunk=64, small_backward_chunk=32, forward=(64, 32, 128), dkdv=(32, 16, 128), dq=(32, 32, 128)),
+    2: dict(k=64, chunk=64, small_backward_chunk=64, one_tile_queries=64,
+            forward=(32, 64, 128), dkdv=(32, 32, 256), dq=(64, 32, 256)),
+    4: dict(k=32, chunk=64, small_backward_chunk=16, one_tile_queries=32, small_backward_precision="ieee",
+            backward_k=16, small_backward_k=16 if _NEWER_PTXAS_CHOICES else 32,
+            forward=(32, 32, 128), dkdv=(32, 16, 64), dq=(32, 32, 128)),
 }
+
+# Warps: autotuned on a GPU among the candidates that fit the launch's tile (first one under the interpreter),
+# keyed by the token counts and channel widths (fixed in a training run: no retuning in steady state).
+_CONFIGS = [triton.Config({}, num_warps=8, num_stages=3), triton.Config({}, num_warps=4, num_stages=3)]
+_KEY = ["N", "M", "Cq", "Cv"]
+
+
+def _fitting(configs, args):
+    """Candidates that compile without spills (benchmarks/aot.py, Triton 3.6 and 3.8, sm_80 and sm_90): fp32 with
+    tf32x3 (each operand held twice) 8 warps except 16 x 16 tiles (4 spilled); fp32 with exact FMA dots (the
+    one-program backward) as _NEWER_PTXAS_CHOICES says; fp16/bf16 4 warps below 1024-element tiles
+    and 8 from there (4 spilled 16-420 bytes, dK/dV's 32 x 32 tile too)."""
+    tile = args["BLOCK_M"] * args["BLOCK_N"]
+    if args["PRECISION"] == "tf32x3":
+        warps = 4 if tile <= 256 else 8
+    elif args["q_ptr"].dtype == torch.float32:
+        warps = 8 if _NEWER_PTXAS_CHOICES else 4
+    else:
+        warps = 4 if tile < 1024 else 8
+    kept = [c for c in configs if c.num_warps == warps]
+    return kept or configs[:1]
+
+
+def _tuned(kernel):
+    return autotune(_CONFIGS, _KEY, prune=_fitting)(kernel)
 
 
 @triton.jit
@@ -88,6 +129,7 @@ def _residual_epilogue(o, t_base, s_tn, s_tc, r_base, s_rn, s_rc, rows, valid_ro
     return loss_rows + tl.sum(e * e, axis=1), rowdot + tl.sum(e * o, axis=1)
 
 
+@_tuned
 @triton.jit
 def _forward_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_ptr, s_vb, s_vn, s_vc,
                     t_ptr, s_tb, s_tn, s_tc, r_ptr, s_rb, s_rn, s_rc, lse_ptr, rowdot_ptr, loss_ptr,
@@ -146,6 +188,7 @@ def _forward_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_ptr, s_v
         tl.store(lse_ptr + b * N + rows, m_i + tl.log(l_i), mask=valid_rows)
 
 
+@_tuned
 @triton.jit
 def _backward_small_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_ptr, s_vb, s_vn, s_vc,
                            r_ptr, s_rb, s_rn, s_rc, lse_ptr, rowdot_ptr, weight_ptr,
@@ -164,20 +207,23 @@ def _backward_small_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_p
                   BLOCK_K, PRECISION, ACC) * scale
     lse = tl.load(lse_ptr + b * N + rows, mask=valid_rows, other=0.0)
     p = tl.where(valid_rows[:, None] & valid_cols[None, :], tl.exp(s - lse[:, None]), 0.0)
-    dp = _row_dots(r_base, s_rn, s_rc, rows, valid_rows, v_base, s_vn, s_vc, cols, valid_cols, Cv,
-                   BLOCK_K, PRECISION, ACC)
-    ds = p * (dp - tl.load(rowdot_ptr + b * N + rows, mask=valid_rows, other=0.0)[:, None])
     w = tl.load(weight_ptr + b)
+    # one gradient per loop, in the order that keeps the fewest (BLOCK_M, BLOCK_N) tiles alive (P, then dS')
     for c0 in range(0, Cv, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         e = _load_tile(r_base, s_rn, s_rc, rows, valid_rows, c, c < Cv)
         dv = tl.dot(tl.trans(p).to(e.dtype), e, input_precision=PRECISION, out_dtype=ACC)
         _store_tile(dv_ptr + b * s_dvb, s_dvn, s_dvc, cols, valid_cols, c, c < Cv, dv * w)
+    dp = _row_dots(r_base, s_rn, s_rc, rows, valid_rows, v_base, s_vn, s_vc, cols, valid_cols, Cv,
+                   BLOCK_K, PRECISION, ACC)
+    ds = p * (dp - tl.load(rowdot_ptr + b * N + rows, mask=valid_rows, other=0.0)[:, None])
     for c0 in range(0, Cq, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         k = _load_tile(k_base, s_kn, s_kc, cols, valid_cols, c, c < Cq)
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
         _store_tile(dq_ptr + b * s_dqb, s_dqn, s_dqc, rows, valid_rows, c, c < Cq, dq * (w * scale))
+    for c0 in range(0, Cq, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
         q = _load_tile(q_base, s_qn, s_qc, rows, valid_rows, c, c < Cq)
         dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
         _store_tile(dk_ptr + b * s_dkb, s_dkn, s_dkc, cols, valid_cols, c, c < Cq, dk * (w * scale))
@@ -191,6 +237,7 @@ def _backward_program(tiles, size, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
     return (pid // tiles).to(tl.int64), index, index < size, tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
 
 
+@_tuned
 @triton.jit
 def _backward_dkdv_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_ptr, s_vb, s_vn, s_vc,
                           r_ptr, s_rb, s_rn, s_rc, lse_ptr, rowdot_ptr, weight_ptr,
@@ -222,6 +269,7 @@ def _backward_dkdv_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_pt
     _store_tile(dk_ptr + b * s_dkb, s_dkn, s_dkc, cols, valid_cols, c, c < Cq, dk * (w * scale))
 
 
+@_tuned
 @triton.jit
 def _backward_dq_kernel(q_ptr, s_qb, s_qn, s_qc, k_ptr, s_kb, s_kn, s_kc, v_ptr, s_vb, s_vn, s_vc,
                         r_ptr, s_rb, s_rn, s_rc, lse_ptr, rowdot_ptr, weight_ptr, dq_ptr, s_dqb, s_dqn, s_dqc,
@@ -257,13 +305,10 @@ def _tile(size: int) -> int:
     return max(triton.next_power_of_2(size), 16)
 
 
-def _options(dtype):
-    return dict(PRECISION="tf32x3" if dtype == torch.float32 else "ieee", ACC=compute_dtype(dtype),
-                BLOCK_K=_blocks(dtype)["k"])
-
-
-def _warps(*block) -> int:
-    return 8 if block[0] * block[1] >= 2048 else 4
+def _options(dtype, precision=None, block_k=None):
+    """Dot precision (tf32x3 for fp32 unless `precision` says otherwise), accumulation dtype, reduction chunk."""
+    default = "tf32x3" if dtype == torch.float32 else "ieee"
+    return dict(PRECISION=precision or default, ACC=compute_dtype(dtype), BLOCK_K=block_k or _blocks(dtype)["k"])
 
 
 def tat_forward(query, key, value, target, scale: float, store_residual: bool):
@@ -274,7 +319,7 @@ def tat_forward(query, key, value, target, scale: float, store_residual: bool):
     acc, blocks = acc_dtype(query.dtype), _blocks(query.dtype)
     one_key_tile = M <= SMALL_TOKENS
     if one_key_tile:
-        block_m, block_n, block_cv = min(_tile(N), SMALL_TOKENS), _tile(M), blocks["chunk"]
+        block_m, block_n, block_cv = min(_tile(N), blocks["one_tile_queries"]), _tile(M), blocks["chunk"]
     else:
         block_m, block_n, block_cv = blocks["forward"]
     row_tiles = triton.cdiv(N, block_m)
@@ -289,7 +334,7 @@ def tat_forward(query, key, value, target, scale: float, store_residual: bool):
             *((residual, *residual.stride()) if store_residual else (query, 0, 0, 0)),  # query: an unused stand-in
             lse, rowdot, losses, B, N, M, Cq, Cv, scale, row_tiles,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_CV=block_cv, ONE_KEY_TILE=one_key_tile,
-            STORE_RESIDUAL=store_residual, num_warps=_warps(block_m, block_n), **_options(query.dtype))
+            STORE_RESIDUAL=store_residual, **_options(query.dtype))
     if not store_residual:
         return losses.sum(1), lse, rowdot.new_empty(0), query.new_empty(0)
     return losses.sum(1), lse, rowdot.sum(0), residual
@@ -310,16 +355,18 @@ def tat_backward(weight, query, key, value, residual, lse, rowdot, scale: float)
         _backward_small_kernel[(B,)](
             *inputs, dq, *dq.stride(), dk, *dk.stride(), dv, *dv.stride(), N, M, Cq, Cv, scale,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=blocks["small_backward_chunk"],
-            num_warps=_warps(block_m, block_n), **_options(query.dtype))
+            **_options(query.dtype, blocks.get("small_backward_precision"), blocks.get("small_backward_k")))
         return dq, dk, dv
     block_m, block_n, block_c = blocks["dkdv"]
     col_tiles = triton.cdiv(M, block_n)
     _backward_dkdv_kernel[(B * col_tiles, max(triton.cdiv(max(Cq, Cv), block_c), 1))](
         *inputs, dk, *dk.stride(), dv, *dv.stride(), N, M, Cq, Cv, scale, col_tiles,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=8, **_options(query.dtype))
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
+        **_options(query.dtype, block_k=blocks.get("backward_k")))
     block_m, block_n, block_c = blocks["dq"]
     row_tiles = triton.cdiv(N, block_m)
     _backward_dq_kernel[(B * row_tiles, max(triton.cdiv(Cq, block_c), 1))](
         *inputs, dq, *dq.stride(), N, M, Cq, Cv, scale, row_tiles,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=8, **_options(query.dtype))
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
+        **_options(query.dtype, block_k=blocks.get("backward_k")))
     return dq, dk, dv

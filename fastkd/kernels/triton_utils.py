@@ -1,12 +1,23 @@
 """Shared Triton helpers: interpreter detection, compute dtypes, grid sizing and stable math."""
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+
+def _interpreted() -> bool:
+    """Whether @triton.jit makes interpreted kernels: triton.knobs (Triton >= 3.4, torch >= 2.8) when present, else
+    the TRITON_INTERPRET variable that older Triton reads."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 # Triton picks interpreter or compiler when a kernel is decorated, i.e. when this module is imported.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+INTERPRETED = _interpreted()
 
 
 def compute_dtype(dtype: torch.dtype):
@@ -47,3 +58,20 @@ def sigmoid_pair(x):
 def softplus_neg_abs(x):
     """log(1 + exp(-|x|)), in [0, log 2]: log sigmoid(x) = min(x, 0) - softplus_neg_abs(x)."""
     return log1p_unit(tl.exp(-tl.abs(x)))
+
+
+def autotune(configs, key, prune=None, reset_to_zero=None):
+    """``triton.autotune`` over `configs` (``triton.Config`` lists of warps and stages; the block sizes, which size
+    the grid, stay launch arguments chosen on the host). `key` must name only sizes fixed for a whole training run
+    (channel widths, token counts; never batch or group sizes), so steady-state training never retunes; tensor
+    dtypes are part of Triton's key anyway. `prune(configs, launch arguments) -> configs` drops candidates that do not
+    fit the launch's tiles. Under the interpreter the first candidate alone (nothing to time). The AOT check
+    (benchmarks/aot.py) compiles every candidate that survives pruning: none may spill."""
+    if INTERPRETED:
+        return triton.autotune(configs=configs[:1], key=key)
+
+    def early_prune(candidates, named_args, **kwargs):
+        return prune(candidates, {**named_args, **kwargs})
+
+    return triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero,
+                           prune_configs_by={"early_config_prune": early_prune} if prune is not None else None)
