@@ -64,7 +64,9 @@ def main():
     for path in args.files or sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
         op = os.path.basename(path).split("-")[0]
         with open(path) as f:
-            tables.append(table(json.load(f), op))
+            data = json.load(f)
+        if "environment" in data and "results" in data:  # timing results (the aot-* compile reports are not)
+            tables.append(table(data, op))
     text = "\n\n".join(tables)
     print(text)
     if args.readme:

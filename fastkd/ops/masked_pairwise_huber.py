@@ -100,8 +100,8 @@ class _Eager(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.group is not None:
             grad = grad * dist.get_world_size(ctx.group)
-        if ctx.stored_grad:  # upstream (G,) for reduction "none", else a scalar
-            grad_student = ctx.saved_tensors[0] * grad.reshape(-1, 1, 1)
+        if ctx.stored_grad:  # upstream (G,) for reduction "none", else 0-dim (kept so: a fast scalar multiply)
+            grad_student = ctx.saved_tensors[0] * (grad.reshape(-1, 1, 1) if grad.dim() else grad)
         else:
             student, teacher, mask, stats = ctx.saved_tensors
             grad_student = ctx.k.backward(grad, student, teacher, mask, stats, ctx.delta, ctx.reduction, ctx.packed)

@@ -87,7 +87,9 @@ class _Eager(torch.autograd.Function):
         if not ctx.stored_grads:
             return _grads(ctx, grad, lambda *args: _backward(kernels(FAMILY, grad), *args))[:6]
         grads = ctx.saved_tensors
-        weight = (2 * loss_scale(ctx.target_shape, ctx.reduction) * grad).to(grads[0].dtype).reshape(-1, 1, 1)
+        weight = (2 * loss_scale(ctx.target_shape, ctx.reduction) * grad).to(grads[0].dtype)
+        if weight.dim():  # reduction "none": w_b per batch item (a 0-dim weight stays a fast scalar multiply)
+            weight = weight.reshape(-1, 1, 1)
         scaled = [(g * weight).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]  # dL/dO_b = w_b E_b
         if len(scaled) == 4:  # d loss / d target = -w_b E
             scaled[3] = scaled[3].neg_()
