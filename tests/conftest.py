@@ -117,6 +117,22 @@ def torchrun_environment(rank: int, world: int, port: int) -> None:
                       MASTER_PORT=str(port))
 
 
+def without_seconds(histories):
+    """{name: per-epoch records} with the wall-clock field zeroed, for comparing two runs."""
+    return {name: [{**record, "seconds": 0} for record in history] for name, history in histories.items()}
+
+
+def ranks_that_agree(out_dir, world: int = 2) -> list:
+    """The rank{r}.pt files of DDP workers ({"params": [...], "histories": {...}, ...}), after checking that every
+    rank ended with identical parameters and histories."""
+    ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
+    for other in ranks[1:]:
+        for a, b in zip(ranks[0]["params"], other["params"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert without_seconds(ranks[0]["histories"]) == without_seconds(other["histories"])
+    return ranks
+
+
 def killed_make_step(make_step, killed_method: str, epoch: int):
     """A recipe's make_step(method, ...) whose steps of `killed_method` raise KeyboardInterrupt in `epoch`
     (0-based): a run killed there, for the resume tests."""

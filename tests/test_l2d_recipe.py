@@ -11,7 +11,8 @@ from PIL import Image
 pytest.importorskip("sklearn")
 from fastkd.data import CanvasConfig, DigitCanvases  # noqa: E402
 from fastkd.recipes import cli, distributed, engine, l2d  # noqa: E402
-from tests.conftest import RunsACommand, free_port, torchrun_environment  # noqa: E402
+from tests.conftest import (RunsACommand, free_port, ranks_that_agree,  # noqa: E402
+                           torchrun_environment, without_seconds)
 
 TINY = dict(canvas=CanvasConfig(size=24, digit_sizes=(8, 12), max_digits=3), teacher_backbone="cnn-4-8",
             student_backbone="cnn-4", embed_dim=16, heads=2, ffn_dim=32, led_warmup_epochs=0)
@@ -73,17 +74,10 @@ def _ddp_worker(rank, world, port, out_dir):
     torch.distributed.destroy_process_group()
 
 
-def _without_seconds(histories):
-    return {name: [{**record, "seconds": 0} for record in history] for name, history in histories.items()}
-
-
 def test_ddp_recipe_on_two_cpu_processes(tmp_path):
     port = free_port()
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
-    for a, b in zip(rank0["params"], rank1["params"]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert _without_seconds(rank0["histories"]) == _without_seconds(rank1["histories"])  # losses averaged over ranks
+    rank0, rank1 = ranks_that_agree(tmp_path)  # losses averaged over ranks
     # the gathered evaluation scores all 37 test canvases once: it equals a single process scoring them
     cfg = l2d.config_with(**TINY, test_samples=37)
     student = l2d.build_model(cfg.student_backbone, cfg)
@@ -124,7 +118,7 @@ def test_real_dataset_and_a_given_teacher_checkpoint(tmp_path, capsys):
     second = json.loads((tmp_path / "second" / "results.json").read_text())["histories"]
     assert not (tmp_path / "second" / "teacher").exists()
     assert second["teacher"][0]["mAP"] == pytest.approx(first["teacher"][-1]["mAP"])
-    assert _without_seconds(second)["vanilla"] == _without_seconds(first)["vanilla"]
+    assert without_seconds(second)["vanilla"] == without_seconds(first)["vanilla"]
     assert "image-list test set" in capsys.readouterr().out
 
 
@@ -176,7 +170,7 @@ def test_a_killed_ablation_resumes_where_it_stopped(tmp_path, monkeypatch):
                               for name in ("teacher", "vanilla")}  # finished models were not retrained
     straight, resumed = (json.loads((tmp_path / d / "results.json").read_text())["histories"]
                          for d in ("straight", "killed"))
-    assert _without_seconds(resumed) == _without_seconds(straight)
+    assert without_seconds(resumed) == without_seconds(straight)
 
 
 def test_a_crafted_teacher_checkpoint_is_refused_without_running_its_code(tmp_path, capsys):

@@ -18,7 +18,8 @@ from fastkd.data.digit_detection import DetectionCanvasConfig, DigitDetection, g
 from fastkd.metrics.detection import coco_evaluate, detections_to_coco  # noqa: E402
 from fastkd.models.detection import ARCHITECTURES, build_detector, detect, pyramid  # noqa: E402
 from fastkd.recipes import cli, distributed, engine, lgd  # noqa: E402
-from tests.conftest import free_port, killed_make_step, torchrun_environment  # noqa: E402
+from tests.conftest import (free_port, killed_make_step, ranks_that_agree,  # noqa: E402
+                           torchrun_environment, without_seconds)
 
 CANVAS = DetectionCanvasConfig(size=64, digit_sizes=(14, 28), max_digits=3)
 TINY = dict(canvas=CANVAS, backbone="cnn-4-8-8-16", fpn_channels=32, encoder_widths=(8, 8, 16), min_sizes=(64,),
@@ -35,10 +36,6 @@ def _model(method: str, arch: str = "fcos", n: int = 2):
     images, targets = lgd.collate([data[i] for i in range(n)])
     torch.manual_seed(0)
     return lgd.build_model(method, cfg, data).train(), cfg, list(images), list(targets)
-
-
-def _without_seconds(histories):
-    return {name: [{**record, "seconds": 0} for record in history] for name, history in histories.items()}
 
 
 # ------------------------------------------------------------------------------------------------ built-in data
@@ -212,7 +209,7 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert (tmp_path / "killed" / "baseline" / "last.pt").stat().st_mtime_ns == baseline_mtime
     straight, resumed = (json.loads((tmp_path / d / "results.json").read_text())["histories"]
                          for d in ("straight", "killed"))
-    assert _without_seconds(resumed) == _without_seconds(straight)
+    assert without_seconds(resumed) == without_seconds(straight)
 
 
 # ------------------------------------------------------------------------------------------------ COCO format
@@ -273,10 +270,7 @@ def _ddp_worker(rank, world, port, out_dir):
 
 def test_ddp_recipe_on_two_cpu_processes(tmp_path):
     mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
-    for a, b in zip(rank0["params"], rank1["params"]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert _without_seconds(rank0["histories"]) == _without_seconds(rank1["histories"])
+    rank0, rank1 = ranks_that_agree(tmp_path)
     # the sharded, gathered evaluation scores every test image once: it equals one process scoring them all
     cfg = lgd.config_with(**TINY)
     data = lgd.load_data(cfg)

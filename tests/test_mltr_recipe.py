@@ -13,7 +13,7 @@ from fastkd.data import CanvasConfig, DigitCanvases  # noqa: E402
 from fastkd.models import build_backbone  # noqa: E402
 from fastkd.models.deeplab import split_backbone  # noqa: E402
 from fastkd.recipes import cli, distributed, engine, l2d, mltr  # noqa: E402
-from tests.conftest import free_port, torchrun_environment  # noqa: E402
+from tests.conftest import free_port, ranks_that_agree, torchrun_environment, without_seconds  # noqa: E402
 from tests.test_l2d_recipe import _write_image_list  # noqa: E402
 
 SMALL = dict(canvas=CanvasConfig(size=24, digit_sizes=(8, 12), max_digits=3))
@@ -69,10 +69,6 @@ def test_real_dataset(tmp_path):
     assert state["encoder.patch_embed.weight"].shape[1] == 3 and state["count_head.1.weight"].shape[0] == 4
 
 
-def _without_seconds(histories):
-    return {name: [{**record, "seconds": 0} for record in history] for name, history in histories.items()}
-
-
 def test_a_killed_ladder_resumes_where_it_stopped(tmp_path, monkeypatch):
     common = ["mltr", *SMOKE, "--epochs", "2", "--rungs", "window,count-token"]
     cli.main(common + ["--out-dir", str(tmp_path / "straight")])
@@ -98,7 +94,7 @@ def test_a_killed_ladder_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert (tmp_path / "killed" / "window" / "last.pt").stat().st_mtime_ns == finished  # not retrained
     straight, resumed = (json.loads((tmp_path / d / "results.json").read_text())["histories"]
                          for d in ("straight", "killed"))
-    assert _without_seconds(resumed) == _without_seconds(straight)
+    assert without_seconds(resumed) == without_seconds(straight)
 
 
 def _ddp_worker(rank, world, port, out_dir):
@@ -115,10 +111,7 @@ def _ddp_worker(rank, world, port, out_dir):
 
 def test_ddp_on_two_cpu_processes(tmp_path):
     mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
-    for a, b in zip(rank0["params"], rank1["params"]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert _without_seconds(rank0["histories"]) == _without_seconds(rank1["histories"])
+    rank0, rank1 = ranks_that_agree(tmp_path)
     # the gathered evaluation scores all 21 test canvases once: it equals one process scoring them
     cfg = mltr.config_with(**SMALL, test_samples=21)
     model = mltr.build_model("count-token", cfg, 10, 1)

@@ -24,7 +24,7 @@ from fastkd.metrics import confusion_matrix, segmentation_scores  # noqa: E402
 from fastkd.models import Classifier, DeepLabV3Plus, from_torchvision_resnet  # noqa: E402
 from fastkd.nn import TaTLoss  # noqa: E402
 from fastkd.recipes import cli, distributed, engine, tat, tat_seg  # noqa: E402
-from tests.conftest import free_port, torchrun_environment  # noqa: E402
+from tests.conftest import free_port, torchrun_environment, without_seconds  # noqa: E402
 
 NUMBERS = NumberCanvasConfig(size=16, digit_sizes=(6, 8), distractors=1, distractor_sizes=(3, 4), jitter=1)
 SEGMENT = SegmentationCanvasConfig(size=16, digit_sizes=(6, 10), max_digits=2)
@@ -33,10 +33,6 @@ TINY_SEG = dict(canvas=SEGMENT, teacher_backbone="cnn-4-4-4-8", student_backbone
                 teacher_decoder_channels=8, student_decoder_channels=4, grid=(2, 2), groups=2, anchor_grid=(2, 2),
                 batch_size=8)
 CPU = distributed.Context(0, 1, torch.device("cpu"))
-
-
-def _without_seconds(histories):
-    return {name: [{**record, "seconds": 0} for record in history] for name, history in histories.items()}
 
 
 # ------------------------------------------------------------------------------------------------ built-in data
@@ -348,7 +344,7 @@ def test_a_killed_run_resumes_where_it_stopped(recipe_name, tmp_path, monkeypatc
     assert (tmp_path / "killed" / "vanilla" / "last.pt").stat().st_mtime_ns == before  # not retrained
     straight, resumed = (json.loads((tmp_path / d / "results.json").read_text())["histories"]
                          for d in ("straight", "killed"))
-    assert _without_seconds(resumed) == _without_seconds(straight)
+    assert without_seconds(resumed) == without_seconds(straight)
 
 
 def _ddp_worker(rank, world, port, out_dir):
@@ -374,7 +370,7 @@ def test_ddp_recipes_on_two_cpu_processes(tmp_path):
     for key in ("cls", "seg"):
         for a, b in zip(rank0["params"][key], rank1["params"][key]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
-        assert _without_seconds(rank0["histories"][key]) == _without_seconds(rank1["histories"][key])
+        assert without_seconds(rank0["histories"][key]) == without_seconds(rank1["histories"][key])
     # the gathered evaluations score every test sample once: equal to one process scoring them all
     cls = tat.config_with(**TINY, test_samples=37)
     student = tat.build_student("tat+kd", cls, TwoDigitNumbers("train", 1, cls.canvas), 8)

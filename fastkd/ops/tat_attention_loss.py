@@ -16,10 +16,15 @@ from fastkd.ops.registry import kernels, register
 FAMILY = "tat_attention_loss"
 
 
+def _reduce(losses, target, reduction):
+    """Per batch item sums (B,) (accumulation dtype) -> the loss in the inputs' dtype."""
+    loss = losses if reduction == "none" else losses.sum() * loss_scale(target.shape, reduction)
+    return loss.to(target.dtype)
+
+
 def _forward(k, query, key, value, target, scale, reduction, save_residual):
     losses, lse, rowdot, residual = k.tat_forward(query, key, value, target, scale, save_residual)
-    loss = losses if reduction == "none" else losses.sum() * loss_scale(target.shape, reduction)
-    return loss.to(query.dtype), lse, rowdot, residual
+    return _reduce(losses, target, reduction), lse, rowdot, residual
 
 
 def _backward(k, grad, query, key, value, residual, lse, rowdot, scale, reduction, target_grad):
@@ -79,8 +84,7 @@ class _Eager(torch.autograd.Function):
         ctx.save_for_backward(*(g for g in grads if g is not None))
         ctx.stored_grads, ctx.target_shape = True, target.shape
         ctx.dtypes = (query.dtype, key.dtype, value.dtype, target.dtype)
-        loss = losses if reduction == "none" else losses.sum() * loss_scale(target.shape, reduction)
-        return loss.to(query.dtype)
+        return _reduce(losses, target, reduction)
 
     @staticmethod
     def backward(ctx, grad):

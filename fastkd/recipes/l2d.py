@@ -32,8 +32,8 @@ REAL_SPLITS = {"voc2007": ("trainval", "test"), "coco2014": ("train", "val"), "i
 
 
 @dataclass
-class L2DConfig(RunConfig):
-    out_dir: str = option("runs/l2d", "where runs, checkpoints, metrics, table and plot go", affects_results=False)
+class MultiLabelDataConfig(RunConfig):
+    """The multi-label data options of the l2d and mltr recipes: built-in canvases or a real dataset."""
     dataset: str = option("digits", "digits (built in) or a real dataset under --data-root",
                           choices=("digits", *REAL_SPLITS))
     data_root: Optional[str] = option(None, "voc2007: the folder holding VOCdevkit; coco2014: the folder holding "
@@ -43,6 +43,11 @@ class L2DConfig(RunConfig):
     canvas: CanvasConfig = option(CanvasConfig(), "built-in canvases")
     train_samples: int = option(2000, "built-in canvases for training", check=">=1")
     test_samples: int = option(1000, "built-in canvases for testing", check=">=1")
+
+
+@dataclass
+class L2DConfig(MultiLabelDataConfig):
+    out_dir: str = option("runs/l2d", "where runs, checkpoints, metrics, table and plot go", affects_results=False)
     teacher_backbone: str = option("cnn-16-32-64", "cnn-W1-W2-..., resnet18/34/50/101, mobilenet_v2 or "
                                   "mitr-tiny/s/m/l (MITr's encoder)")
     student_backbone: str = option("cnn-8-16-32", "as --teacher-backbone")

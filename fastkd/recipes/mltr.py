@@ -19,8 +19,8 @@ from fastkd.functional import asymmetric_loss, count_targets, object_count_loss
 from fastkd.models.mitr import VARIANTS, MITr, variant_spec
 from fastkd.recipes import config, distributed, engine, recipe, report
 from fastkd.recipes.config import ConfigError, option, results_fields
-from fastkd.recipes.l2d import REAL_SPLITS, load_data
-from fastkd.recipes.recipe import RunConfig, autocast
+from fastkd.recipes.l2d import MultiLabelDataConfig, load_data
+from fastkd.recipes.recipe import autocast
 from fastkd.recipes.schedules import lr_schedule
 
 SWITCHES = ("position_bias", "shift", "cross_window", "arc_sigmoid", "count_token")
@@ -35,14 +35,8 @@ LADDER = {  # rung -> the model switches on (each rung adds one part to the one 
 
 
 @dataclass
-class MLTrConfig(RunConfig):
+class MLTrConfig(MultiLabelDataConfig):
     out_dir: str = option("runs/mltr", "where runs, checkpoints, metrics, table and plot go", affects_results=False)
-    dataset: str = option("digits", "digits (built in) or a real dataset under --data-root",
-                          choices=("digits", *REAL_SPLITS))
-    data_root: Optional[str] = option(None, "voc2007: the folder holding VOCdevkit; coco2014: the folder holding "
-                                      "annotations/ and train2014/ val2014/; image-list: the folder holding "
-                                      "train.txt and test.txt", affects_results=False)
-    image_size: int = option(224, "real datasets: square input side", check=">=8")
     # 32 x 32 canvases (L2D's are 48): a step costs about half as much, so the default ladder fits 10 minutes
     canvas: CanvasConfig = option(CanvasConfig(size=32, digit_sizes=(8, 14)), "built-in canvases")
     train_samples: int = option(1200, "built-in canvases for training", check=">=1")
