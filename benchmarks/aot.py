@@ -24,6 +24,7 @@ import io
 import json
 import os
 import re
+import resource
 import sys
 import tempfile
 import time
@@ -178,7 +179,7 @@ def compile_one(spec: Specialisation, arch: int) -> dict:
                cases=spec.cases)
     source = ASTSource(spec.kernel, spec.signature, spec.constexprs, spec.attrs)
     log = io.StringIO()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     try:
         with _ptxas_log(), contextlib.redirect_stdout(log):
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
@@ -187,6 +188,7 @@ def compile_one(spec: Specialisation, arch: int) -> dict:
         row.update(error=f"{type(error).__name__}: {str(error)[:2000]}")
         return row
     row["compile_s"] = round(time.perf_counter() - started, 2)
+    row["cpu_s"] = round(_cpu_seconds() - cpu_started, 2)
     report = log.getvalue()
     for name, pattern in PTXAS.items():
         found = re.findall(pattern, report)
@@ -197,6 +199,24 @@ def compile_one(spec: Specialisation, arch: int) -> dict:
     row["shared"] = int(compiled.metadata.shared)
     row.update(occupancy(row["registers"], row["shared"], spec.num_warps, arch))
     return row
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (ptxas): what a compile costs whatever the load."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def default_jobs() -> int:
+    """The CPUs this process may run on (each compile is single-threaded and CPU-bound)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def distinct_compiles(specs: List[Specialisation]) -> int:
+    """How many different binaries per architecture the specialisations make, by Triton's own cache key (source,
+    signature, constants, attributes) and the launch options: equal to len(specs) when none is compiled twice."""
+    return len({(ASTSource(s.kernel, s.signature, s.constexprs, s.attrs).hash(), s.num_warps, s.num_stages)
+                for s in specs})
 
 
 @contextlib.contextmanager
@@ -218,8 +238,12 @@ def _compile_task(index: int) -> dict:
 
 
 def compile_all(specs: List[Specialisation], archs: List[int], jobs: int):
-    """Rows in order, compiled by `jobs` forked processes (each compile runs ptxas: CPU-bound)."""
+    """Rows in order, compiled by `jobs` forked processes (each compile runs ptxas: CPU-bound); every (specialisation,
+    architecture) pair is one task, so both architectures compile in parallel."""
     _TASKS[:] = [(spec, arch) for spec in specs for arch in archs]
+    # Triton's key of its own sources (it hashes every file of the package) once here, not once per forked process
+    from triton.runtime.cache import triton_key
+    triton_key()
     if jobs <= 1:
         yield from map(_compile_task, range(len(_TASKS)))
         return
@@ -261,7 +285,7 @@ def specialisations(cases: List[Case]) -> List[Specialisation]:
 def markdown(rows: List[dict], header: str) -> str:
     lines = [header, "",
              "| kernel | arch | cases (op shape dtype layout) | warps | stages | registers | spills (B) | stack (B) "
-             "| shared (B) | warps/SM (occupancy, limit) | compile (s) |",
+             "| shared (B) | warps/SM (occupancy, limit) | compile (s wall, CPU) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         cases = "; ".join(row["cases"][:3]) + (f"; +{len(row['cases']) - 3}" if len(row["cases"]) > 3 else "")
@@ -272,8 +296,18 @@ def markdown(rows: List[dict], header: str) -> str:
         lines.append(
             f"| {row['kernel']} | sm_{row['arch']} | {cases} | {row['num_warps']} | {row['num_stages']} | "
             f"{row['registers']} | {row['spill_stores']}/{row['spill_loads']} | {row['stack']} | {row['shared']} | "
-            f"{row['warps_per_sm']} ({row['occupancy']:.0%}, {row['limited_by']}) | {row['compile_s']} |")
+            f"{row['warps_per_sm']} ({row['occupancy']:.0%}, {row['limited_by']}) | {row['compile_s']}"
+            f"{', ' + str(row['cpu_s']) if 'cpu_s' in row else ''} |")
     return "\n".join(lines) + "\n"
+
+
+def timing(meta: dict) -> str:
+    """The sweep's cost in words: wall time, processes, CPU time (load-independent) and the load it ran under."""
+    if "cpu_seconds" not in meta:  # reports written before CPU time was measured
+        return f"{meta['seconds']} s of compilation"
+    return (f"compiled in {meta['seconds']} s wall by {meta['jobs']} processes, {meta['cpu_seconds']} s of CPU "
+            f"(1-minute load average {meta['load_average'][0]} at the start, {meta['load_average'][1]} at the end; "
+            f"capture {meta['capture_seconds']} s)")
 
 
 def main(argv=None) -> int:
@@ -284,7 +318,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="compile only kernels whose name contains one of these (comma-separated)")
     parser.add_argument("--merge", action="store_true", help="replace only the compiled kernels' rows of an "
                         "existing report of the same Triton version and sweep (a re-check after a change)")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: CPUs)")
+    parser.add_argument("--jobs", type=int, default=default_jobs(), help="compiler processes (default: the CPUs)")
     parser.add_argument("--match", default="", help="compile only specialisations one of whose cases (op shape "
                         "dtype layout) contains this")
     args = parser.parse_args(argv)
@@ -292,14 +326,17 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("run with the Triton interpreter off (TRITON_INTERPRET unset): it compiles nothing")
     from benchmarks.aot_cases import all_cases
+    load_before, captured = os.getloadavg(), time.perf_counter()
     cases = [c for c in all_cases() if args.full or c.quick]
     only = args.only.split(",")
     specs = [s for s in specialisations(cases)
              if any(o in s.name for o in only) and any(args.match in c for c in s.cases)]
+    distinct = distinct_compiles(specs)
     sweep = "full" if args.full else "quick"
-    print(f"triton {triton.__version__}: {len(cases)} cases, {len(specs)} specialisations, "
-          f"archs {args.arch} ({sweep})", flush=True)
+    print(f"triton {triton.__version__}: {len(cases)} cases, {len(specs)} specialisations ({distinct} distinct "
+          f"compiles), archs {args.arch} ({sweep}), {args.jobs} compiler processes", flush=True)
     rows, failed, started = [], [], time.perf_counter()
+    capture_s = started - captured
     for row in compile_all(specs, args.arch, args.jobs):
         row["problems"] = problems(row)
         rows.append(row)
@@ -314,8 +351,10 @@ def main(argv=None) -> int:
     stem = os.path.join(args.out_dir, f"aot-triton{triton.__version__}" + ("" if args.full else "-quick"))
     command = " ".join(["python -m benchmarks.aot"] + (argv if argv is not None else sys.argv[1:]))
     meta = dict(triton=triton.__version__, torch=torch.__version__, sweep=sweep, archs=args.arch, cases=len(cases),
-                specialisations=len(specs), compiled=len(rows), failed=len(failed), seconds=round(elapsed, 1),
-                command=command)
+                specialisations=len(specs), distinct_compiles=distinct, compiled=len(rows), failed=len(failed),
+                seconds=round(elapsed, 1), cpu_seconds=round(sum(r.get("cpu_s", 0) for r in rows), 1),
+                capture_seconds=round(capture_s, 1), jobs=args.jobs,
+                load_average=[round(load_before[0], 1), round(os.getloadavg()[0], 1)], command=command)
     if args.merge and os.path.exists(stem + ".json"):
         # a re-check of some kernels after a change: their rows replace the earlier report's, the rest stay
         earlier = json.load(open(stem + ".json"))
@@ -325,14 +364,16 @@ def main(argv=None) -> int:
         meta.update(specialisations=earlier["specialisations"], compiled=len(rows), failed=len(failed),
                     seconds=round(earlier["seconds"] + elapsed, 1),
                     command=f"{earlier['command']}; then {command} (rows of {', '.join(sorted(names))} replaced)")
+        for key in ("distinct_compiles", "cpu_seconds", "capture_seconds", "jobs", "load_average"):
+            meta.pop(key)  # they describe this run only, not the merged report
     with open(stem + ".json", "w") as f:
         json.dump(dict(meta, rows=rows), f, indent=1)
     header = (f"AOT compile check, triton {meta['triton']}, torch {meta['torch']}, {sweep} sweep: {len(cases)} cases, "
-              f"{meta['specialisations']} specialisations x {len(args.arch)} archs, {len(failed)} failing, "
-              f"{meta['seconds']} s of compilation (`{meta['command']}`)")
+              f"{meta['specialisations']} specialisations x {len(args.arch)} archs, {len(failed)} failing; "
+              f"{timing(meta)} (`{meta['command']}`)")
     with open(stem + ".md", "w") as f:
         f.write(markdown(rows, header))
-    print(f"wrote {stem}.json/.md: {len(rows)} compiles, {len(failed)} failing, {elapsed:.0f} s")
+    print(f"wrote {stem}.json/.md: {len(rows)} compiles, {len(failed)} failing; {timing(meta)}")
     return 1 if failed else 0
 
 if __name__ == "__main__":

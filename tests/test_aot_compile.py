@@ -69,6 +69,15 @@ def test_quick_sweep_compiles_without_spills_within_shared_memory(quick):
     _assert_clean(*quick)
 
 
+def test_quick_sweep_compiles_each_distinct_specialisation_once_and_measures_it(quick):
+    _, report = quick
+    # by Triton's own cache key: no two specialisations would give the same binary
+    assert report["distinct_compiles"] == report["specialisations"]
+    assert report["compiled"] == report["specialisations"] * len(report["archs"]) == len(report["rows"])
+    assert all(r["cpu_s"] > 0 for r in report["rows"])
+    assert report["cpu_seconds"] > 0 and report["jobs"] >= 1
+
+
 def test_quick_sweep_covers_every_kernel_on_both_architectures(quick):
     _, report = quick
     compiled = {(r["kernel"], r["arch"]) for r in report["rows"]}
