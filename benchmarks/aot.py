@@ -343,7 +343,7 @@ def main(argv=None) -> int:
         status = "; ".join(row["problems"]) or "ok"
         print(f"  {row['kernel']} sm_{row['arch']} w{row['num_warps']} s{row['num_stages']} "
               f"{ {k: v for k, v in row['constexprs'].items() if k.startswith(('BLOCK', 'ONE', 'PREC'))} } "
-              f"regs {row.get('registers')} shared {row.get('shared')}: {status}", flush=True)
+              f"regs {row.get('registers')} shared {row.get('shared')} cpu {row.get('cpu_s')} s: {status}", flush=True)
         if row["problems"]:
             failed.append(row)
     elapsed = time.perf_counter() - started
