@@ -8,7 +8,7 @@ k = E_k(teacher), v = E_v(student) with E = Conv1x1 (no bias) + BN to the teache
 teacher feature, detached (fastkd.nn.HierarchicalTaTLoss). Loss = CE (ignore 255) + alpha * (beta * patch-group
 term + gamma * anchor-point term), i.e. δ = αβ, ζ = αγ. Differences from the official code, all documented in
 the README: the teacher is frozen in eval mode (the official code leaves it in train mode), the embeddings' BN
-sees the whole batch (official: one image at a time), no SBD and no blur augmentation on VOC.
+sees the whole batch (official: one image at a time), no blur augmentation on VOC (SBD: --sbd-root).
 """
 import os
 from dataclasses import dataclass, replace
@@ -20,6 +20,7 @@ from torch import nn
 
 from fastkd import metrics, reference
 from fastkd.data.digit_numbers import DigitSegmentation, SegmentationCanvasConfig
+from fastkd.data.sbd import VOCTrainAug
 from fastkd.data.voc_segmentation import VOCSegmentation2012
 from fastkd.models import DeepLabV3Plus, check_backbone_name, from_torchvision_resnet
 from fastkd.nn import HierarchicalTaTLoss
@@ -44,6 +45,8 @@ class TaTSegConfig(RunConfig):
     dataset: str = option("canvases", "canvases (built in: digits with per-pixel masks) or voc2012 under "
                           "--data-root", choices=("canvases", "voc2012"))
     data_root: Optional[str] = option(None, "voc2012: the folder holding VOCdevkit/VOC2012", affects_results=False)
+    sbd_root: Optional[str] = option(None, "voc2012: also train on SBD, the folder benchmark_RELEASE/dataset (VOC "
+                                     "train + SBD minus VOC val: the 10,582-image train_aug set)")
     batch_size: int = option(16, "batch size per process", check=">=1")
     crop_size: int = option(513, "voc2012: training crop side", check=">=8")
     canvas: SegmentationCanvasConfig = option(SegmentationCanvasConfig(), "built-in canvases")
@@ -88,6 +91,9 @@ class TaTSegConfig(RunConfig):
         if self.dataset == "voc2012" and not (self.data_root and os.path.isdir(self.data_root)):
             raise ConfigError(f"--dataset voc2012 needs --data-root, the directory holding VOCdevkit "
                               f"(got {self.data_root!r})")
+        if self.sbd_root is not None and (self.dataset != "voc2012" or not os.path.isdir(self.sbd_root)):
+            raise ConfigError(f"--sbd-root needs --dataset voc2012 and a directory holding SBD's img/, cls/, "
+                              f"train.txt, val.txt (got --dataset {self.dataset}, --sbd-root {self.sbd_root!r})")
         for name in ("teacher_backbone", "student_backbone"):
             value = getattr(self, name)
             try:
@@ -147,8 +153,9 @@ def load_data(cfg: TaTSegConfig) -> dict:
         return {"train": DigitSegmentation("train", cfg.train_samples, cfg.canvas, cfg.seed),
                 "test": DigitSegmentation("test", cfg.test_samples, cfg.canvas, cfg.seed)}
     try:
-        return {"train": VOCSegmentation2012(cfg.data_root, "train", cfg.crop_size, augment=True),
-                "test": VOCSegmentation2012(cfg.data_root, "val")}
+        train = (VOCTrainAug(cfg.data_root, cfg.sbd_root, cfg.crop_size) if cfg.sbd_root else
+                 VOCSegmentation2012(cfg.data_root, "train", cfg.crop_size, augment=True))
+        return {"train": train, "test": VOCSegmentation2012(cfg.data_root, "val")}
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"--dataset {cfg.dataset}: {error}") from None
 
