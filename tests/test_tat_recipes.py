@@ -25,6 +25,7 @@ from fastkd.metrics import confusion_matrix, segmentation_scores  # noqa: E402
 from fastkd.models import Classifier, DeepLabV3Plus, from_torchvision_resnet  # noqa: E402
 from fastkd.nn import TaTLoss  # noqa: E402
 from fastkd.recipes import cli, distributed, engine, tat, tat_seg  # noqa: E402
+from fastkd.recipes.teacher_features import WithTeacherFeatures  # noqa: E402
 from tests.conftest import free_port, torchrun_environment, without_seconds  # noqa: E402
 
 NUMBERS = NumberCanvasConfig(size=16, digit_sizes=(6, 8), distractors=1, distractor_sizes=(3, 4), jitter=1)
@@ -314,6 +315,41 @@ def test_each_segmentation_method_trains_and_fastkd_matches_reference(method):
     torch.testing.assert_close(results["fastkd"][0], results["reference"][0], rtol=1e-9, atol=1e-12)
     for a, b in zip(results["fastkd"][1], results["reference"][1]):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_students_read_the_teacher_features_computed_once():
+    cfg = tat_seg.config_with(**TINY_SEG)
+    data = DigitSegmentation("train", 6, cfg.canvas)
+    torch.manual_seed(1)
+    teacher = tat_seg.build_net("teacher", cfg, data).eval().requires_grad_(False)
+    cached = tat_seg.student_data({"train": data}, teacher, cfg, CPU.device)["train"]
+    assert isinstance(cached, WithTeacherFeatures) and len(cached) == 6 and cached.num_classes == 11
+    torch.testing.assert_close(cached.features, teacher(data.images)[1])
+    images, masks, features = (torch.stack(x) for x in zip(*(cached[i] for i in range(6))))
+    torch.manual_seed(0)
+    student = tat_seg.build_student("tat", cfg, data).eval()
+    step = tat_seg.make_step("tat", cfg, teacher, CPU.device)
+    torch.testing.assert_close(step(student, [images, masks, features], 0), step(student, [images, masks], 0))
+    assert step(student, [images, masks, features + 1], 0)["tat"] != step(student, [images, masks], 0)["tat"]
+    vanilla_only = tat_seg.config_with(**TINY_SEG, methods=("vanilla",))
+    assert tat_seg.student_data({"train": data}, teacher, vanilla_only, CPU.device)["train"] is data
+    with pytest.raises(ValueError, match="eval mode"):
+        WithTeacherFeatures(data, teacher.train(), lambda t, x: t(x)[1], CPU.device)
+
+
+def test_tat_warmup_ramps_the_segmentation_term():
+    data = DigitSegmentation("train", 4, SEGMENT)
+    torch.manual_seed(1)
+    teacher = tat_seg.build_net("teacher", tat_seg.config_with(**TINY_SEG), data).eval().requires_grad_(False)
+    torch.manual_seed(0)
+    student = tat_seg.build_student("tat", tat_seg.config_with(**TINY_SEG), data).eval()
+    batch = [data.images, data.masks]
+    full = tat_seg.make_step("tat", tat_seg.config_with(**TINY_SEG), teacher, CPU.device)(student, batch, 0)
+    step = tat_seg.make_step("tat", tat_seg.config_with(**TINY_SEG, tat_warmup_epochs=2), teacher, CPU.device)
+    for epoch, weight in ((0, 1 / 3), (1, 2 / 3), (2, 1.0), (7, 1.0)):
+        terms = step(student, batch, epoch)
+        torch.testing.assert_close(terms["tat"], weight * full["tat"])
+        torch.testing.assert_close(terms["ce"], full["ce"])
 
 
 def test_segmentation_presets_carry_the_official_settings():
