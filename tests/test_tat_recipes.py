@@ -19,11 +19,13 @@ from fastkd.data.digit_numbers import (PAIRS, DigitSegmentation, NumberCanvasCon
                                        SegmentationCanvasConfig, TwoDigitNumbers, generate_numbers,
                                        generate_segmentation)
 from fastkd.data.digit_canvases import source_splits  # noqa: E402
+from fastkd.data.sbd import SBDSegmentation, VOCTrainAug  # noqa: E402
 from fastkd.data.voc_segmentation import VOCSegmentation2012  # noqa: E402
 from fastkd.metrics import confusion_matrix, segmentation_scores  # noqa: E402
 from fastkd.models import Classifier, DeepLabV3Plus, from_torchvision_resnet  # noqa: E402
 from fastkd.nn import TaTLoss  # noqa: E402
 from fastkd.recipes import cli, distributed, engine, tat, tat_seg  # noqa: E402
+from fastkd.recipes.teacher_features import WithTeacherFeatures  # noqa: E402
 from tests.conftest import free_port, torchrun_environment, without_seconds  # noqa: E402
 
 NUMBERS = NumberCanvasConfig(size=16, digit_sizes=(6, 8), distractors=1, distractor_sizes=(3, 4), jitter=1)
@@ -165,6 +167,47 @@ def test_voc2012_segmentation_fixture(tmp_path):
         VOCSegmentation2012(str(tmp_path), "train")
 
 
+def _write_sbd(root, train=("b", "d", "e"), val=("c", "e", "f")):
+    """SBD's layout: img/{id}.jpg, cls/{id}.mat (struct GTcls, field Segmentation: uint8 class map), train.txt,
+    val.txt; image k's mask holds class 10 + k."""
+    from scipy.io import savemat
+    (root / "img").mkdir(parents=True)
+    (root / "cls").mkdir()
+    for k, image_id in enumerate(sorted(set(train) | set(val))):
+        Image.new("RGB", (9, 7 + k), (20 * k, 50, 0)).save(root / "img" / f"{image_id}.jpg")
+        mask = np.zeros((7 + k, 9), dtype=np.uint8)
+        mask[1:4, 2:6] = 10 + k
+        savemat(root / "cls" / f"{image_id}.mat", {"GTcls": {"Segmentation": mask, "CategoriesPresent": [10 + k]}})
+    (root / "train.txt").write_text("\n".join(train) + "\n")
+    (root / "val.txt").write_text("\n".join(val) + "\n")
+
+
+def test_sbd_fixture_and_the_voc_train_aug_set(tmp_path):
+    _write_voc2012(tmp_path / "voc")  # VOC train a, b; val c
+    _write_sbd(tmp_path / "sbd")      # SBD train b, d, e; val c, e, f
+    sbd = SBDSegmentation(str(tmp_path / "sbd"))
+    assert sbd.ids == ["b", "d", "e", "c", "f"]  # both lists, e once
+    image, mask = sbd[1]  # d, the third id in sorted order (b, c, d, e, f): class 12
+    assert image.shape == (3, 9, 9) and mask.shape == (9, 9) and mask.dtype == torch.long
+    assert set(mask.unique().tolist()) == {0, 12} and (mask == 12).sum() == 12
+    aug = VOCTrainAug(str(tmp_path / "voc"), str(tmp_path / "sbd"), crop_size=16, augment=False)
+    assert aug.sbd.ids == ["d", "e", "f"]  # not VOC val's c, not VOC train's b (VOC's own mask)
+    assert len(aug) == 5 and aug.num_classes == 21
+    assert set(aug[0][1].unique().tolist()) == {0, 1, 255}  # VOC's a, palette indices
+    assert set(aug[4][1].unique().tolist()) == {0, 14}      # SBD's f (sorted ids b..f: 10..14)
+    cfg = tat_seg.config_with(dataset="voc2012", data_root=str(tmp_path / "voc"), sbd_root=str(tmp_path / "sbd"),
+                              crop_size=16)
+    cfg.check()
+    data = tat_seg.load_data(cfg)  # the recipe trains on train_aug (augmented pairs), tests on VOC val
+    torch.manual_seed(0)
+    assert (len(data["train"]), len(data["test"])) == (5, 1) and data["train"][3][1].shape == (16, 16)
+    (tmp_path / "sbd" / "cls" / "f.mat").unlink()
+    with pytest.raises(FileNotFoundError, match="f.mat"):
+        SBDSegmentation(str(tmp_path / "sbd"))
+    with pytest.raises(FileNotFoundError, match="val.txt"):
+        SBDSegmentation(str(tmp_path / "voc"))
+
+
 def test_segmentation_metrics():
     target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
     predicted = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 1]])
@@ -274,6 +317,41 @@ def test_each_segmentation_method_trains_and_fastkd_matches_reference(method):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
 
 
+def test_students_read_the_teacher_features_computed_once():
+    cfg = tat_seg.config_with(**TINY_SEG)
+    data = DigitSegmentation("train", 6, cfg.canvas)
+    torch.manual_seed(1)
+    teacher = tat_seg.build_net("teacher", cfg, data).eval().requires_grad_(False)
+    cached = tat_seg.student_data({"train": data}, teacher, cfg, CPU.device)["train"]
+    assert isinstance(cached, WithTeacherFeatures) and len(cached) == 6 and cached.num_classes == 11
+    torch.testing.assert_close(cached.features, teacher(data.images)[1])
+    images, masks, features = (torch.stack(x) for x in zip(*(cached[i] for i in range(6))))
+    torch.manual_seed(0)
+    student = tat_seg.build_student("tat", cfg, data).eval()
+    step = tat_seg.make_step("tat", cfg, teacher, CPU.device)
+    torch.testing.assert_close(step(student, [images, masks, features], 0), step(student, [images, masks], 0))
+    assert step(student, [images, masks, features + 1], 0)["tat"] != step(student, [images, masks], 0)["tat"]
+    vanilla_only = tat_seg.config_with(**TINY_SEG, methods=("vanilla",))
+    assert tat_seg.student_data({"train": data}, teacher, vanilla_only, CPU.device)["train"] is data
+    with pytest.raises(ValueError, match="eval mode"):
+        WithTeacherFeatures(data, teacher.train(), lambda t, x: t(x)[1], CPU.device)
+
+
+def test_tat_warmup_ramps_the_segmentation_term():
+    data = DigitSegmentation("train", 4, SEGMENT)
+    torch.manual_seed(1)
+    teacher = tat_seg.build_net("teacher", tat_seg.config_with(**TINY_SEG), data).eval().requires_grad_(False)
+    torch.manual_seed(0)
+    student = tat_seg.build_student("tat", tat_seg.config_with(**TINY_SEG), data).eval()
+    batch = [data.images, data.masks]
+    full = tat_seg.make_step("tat", tat_seg.config_with(**TINY_SEG), teacher, CPU.device)(student, batch, 0)
+    step = tat_seg.make_step("tat", tat_seg.config_with(**TINY_SEG, tat_warmup_epochs=2), teacher, CPU.device)
+    for epoch, weight in ((0, 1 / 3), (1, 2 / 3), (2, 1.0), (7, 1.0)):
+        terms = step(student, batch, epoch)
+        torch.testing.assert_close(terms["tat"], weight * full["tat"])
+        torch.testing.assert_close(terms["ce"], full["ce"])
+
+
 def test_segmentation_presets_carry_the_official_settings():
     from fastkd.nn.tat_attention_loss import SEGMENTATION_CONFIGS
     for preset, name in (("voc-resnet18", "voc_resnet18"), ("voc-mobilenet", "voc_mobilenet"),
@@ -311,6 +389,7 @@ def test_cli_runs_both_recipes_and_writes_the_reports(tmp_path, capsys):
     (["tat-seg", "--student-backbone", "cnn-4-8"], "needs 4 stages"),
     (["tat-seg", "--groups", "3"], "--groups 3 must divide"),
     (["tat-seg", "--dataset", "voc2012", "--data-root", "."], "VOCdevkit/VOC2012"),
+    (["tat-seg", "--sbd-root", "."], "--sbd-root needs --dataset voc2012"),
 ])
 def test_bad_options_and_missing_data_are_one_line_errors(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):

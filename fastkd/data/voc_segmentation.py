@@ -1,7 +1,7 @@
 """PASCAL VOC 2012 semantic segmentation (21 classes: background + 20; boundary pixels 255 = ignored), read by
 torchvision's VOCSegmentation from the standard layout, never downloaded: root/VOCdevkit/VOC2012/ with
 ImageSets/Segmentation/{train,val,trainval}.txt, JPEGImages/{id}.jpg and SegmentationClass/{id}.png (palette
-PNGs whose indices are the classes). SBD's augmented set is not read.
+PNGs whose indices are the classes). SBD (the augmented training set) is read by fastkd.data.sbd.
 
 Training pairs: random scale in [0.5, 2], padding (image 0 after normalisation, mask 255) up to the crop, random
 crop `crop_size`, random horizontal flip. Evaluation pairs: the whole image (evaluate with batch size 1).
@@ -21,7 +21,7 @@ _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
-class _Pairs:
+class SegmentationPairs:
     """The joint transform: PIL image and palette mask -> (float32 (3, H, W), long (H, W))."""
 
     def __init__(self, crop_size: int, augment: bool):
@@ -63,7 +63,7 @@ class VOCSegmentation2012(torch.utils.data.Dataset):
                                     f"directory that holds VOCdevkit/VOC2012)")
         import torchvision
         self.dataset = torchvision.datasets.VOCSegmentation(root, year="2012", image_set=split, download=False,
-                                                            transforms=_Pairs(crop_size, augment))
+                                                            transforms=SegmentationPairs(crop_size, augment))
         missing = [p for p in self.dataset.images + self.dataset.masks if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"voc2012 {split}: {missing[0]} not found"
