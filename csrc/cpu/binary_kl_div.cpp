@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "binary_kl_div.h"
+#include "eager_autograd.h"
 
 namespace fastkd::cpu {
 namespace {
@@ -96,8 +97,7 @@ std::vector<at::Tensor> binary_kl_div_backward(const at::Tensor& grad, const at:
 }
 
 // Loss and gradients for an upstream gradient of 1 in one pass: [loss, dloss/dstudent(, dloss/dteacher)]. The
-// eager autograd path's forward (fastkd/ops/binary_kl_div.py): its backward is then a multiply, since on a CPU
-// recomputing the transcendentals costs more than storing the gradient.
+// forward of the eager autograd node (eager_autograd.cpp).
 std::vector<at::Tensor> binary_kl_div_with_grad(const at::Tensor& student, const at::Tensor& teacher,
                                                 double temperature, c10::string_view reduction, bool teacher_grad) {
   TORCH_CHECK(student.sizes() == teacher.sizes(), "teacher must have the shape of student");
@@ -129,5 +129,4 @@ std::vector<at::Tensor> binary_kl_div_with_grad(const at::Tensor& student, const
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("binary_kl_div", &fastkd::cpu::binary_kl_div_forward);
   m.impl("binary_kl_div_backward", &fastkd::cpu::binary_kl_div_backward);
-  m.impl("binary_kl_div_with_grad", &fastkd::cpu::binary_kl_div_with_grad);
 }

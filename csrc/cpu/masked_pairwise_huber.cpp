@@ -14,6 +14,8 @@
 #include <tuple>
 #include <vector>
 
+#include "eager_autograd.h"
+
 namespace fastkd::cpu {
 namespace {
 
@@ -204,8 +206,8 @@ std::tuple<at::Tensor, at::Tensor> masked_pairwise_huber(const at::Tensor& stude
   return {loss, stats};
 }
 
-// Loss, stats and the student's gradient for an upstream gradient of 1, in one pass: the eager CPU path's forward
-// (its backward then multiplies; fastkd/ops/masked_pairwise_huber.py).
+// Loss, stats and the student's gradient for an upstream gradient of 1, in one pass: the forward of the eager
+// autograd node (eager_autograd.cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_pairwise_huber_with_grad(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& mask, double delta, bool normalize,
     c10::string_view reduction, double mean_floor) {
@@ -252,5 +254,4 @@ at::Tensor masked_pairwise_huber_backward(const at::Tensor& grad, const at::Tens
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("masked_pairwise_huber", &fastkd::cpu::masked_pairwise_huber);
   m.impl("masked_pairwise_huber_backward", &fastkd::cpu::masked_pairwise_huber_backward);
-  m.impl("masked_pairwise_huber_with_grad", &fastkd::cpu::masked_pairwise_huber_with_grad);
 }
