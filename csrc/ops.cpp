@@ -1,7 +1,7 @@
 // Schemas of every fastkd op, declared once. Kernels attach per device: C++ ones here with TORCH_LIBRARY_IMPL
 // (csrc/cpu, csrc/cuda), Python ones (Triton, vectorised PyTorch) and the fake and autograd kernels in
 // fastkd/ops/<op>.py. Each backward is an op of its own, so that torch.compile can trace it. (The eager CPU
-// autograd nodes of MLD and LED are not ops: csrc/cpu/eager_autograd.h.)
+// autograd nodes of MLD and LED are not ops: csrc/cpu/binary_kl_div.h, masked_pairwise_huber.h.)
 #include <torch/library.h>
 
 #include "fastkd.h"

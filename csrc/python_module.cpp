@@ -1,11 +1,12 @@
 // Python module fastkd._C: importing it runs the static TORCH_LIBRARY registrations (every op's schema and C++
-// kernels), and it exposes the eager CPU autograd nodes (csrc/cpu/eager_autograd.h), which are entry points of
+// kernels), and it exposes the eager CPU autograd nodes of MLD and LED (csrc/cpu/<op>.h), which are entry points of
 // the CPU kernels, not ops. Built by setup.py only; the CMake library has no Python dependency.
 #include <torch/extension.h>
 
 #include <string>
 
-#include "cpu/eager_autograd.h"
+#include "cpu/binary_kl_div.h"
+#include "cpu/masked_pairwise_huber.h"
 
 PYBIND11_MODULE(_C, m) {
   m.def("binary_kl_div_autograd",

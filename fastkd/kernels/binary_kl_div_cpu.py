@@ -11,7 +11,7 @@ _FORWARD = torch.ops.fastkd.binary_kl_div.default
 _BACKWARD = torch.ops.fastkd.binary_kl_div_backward.default
 
 # binary_kl_div_autograd(student, teacher, temperature, reduction) -> loss with a C++ autograd node whose forward
-# also computes the gradients for an upstream gradient of 1 and whose backward scales them (csrc/cpu/eager_autograd.h)
+# also computes the gradients for an upstream gradient of 1 and whose backward scales them (csrc/cpu/binary_kl_div.h)
 binary_kl_div_autograd = _C.binary_kl_div_autograd
 
 

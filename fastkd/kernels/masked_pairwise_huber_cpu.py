@@ -14,7 +14,7 @@ _BACKWARD = torch.ops.fastkd.masked_pairwise_huber_backward.default
 # autograd(student, teacher, mask, delta, normalize, reduction, mean_floor, weight, transposed_weight) -> weight *
 # loss + transposed_weight * the loss of the transposed problem, with one C++ autograd node whose forward also
 # computes the student's gradient for an upstream gradient of 1 and whose backward scales it
-# (csrc/cpu/eager_autograd.h)
+# (csrc/cpu/masked_pairwise_huber.h)
 autograd = _C.masked_pairwise_huber_autograd
 
 
