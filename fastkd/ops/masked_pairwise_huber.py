@@ -130,12 +130,12 @@ def masked_pairwise_huber(student, teacher, mask, delta: float, normalize: bool,
     transposed problem (groups along dim 1; LED's CD and ID in one call). Under torch.compile the registered op
     per term; else, when a gradient is needed, the CPU kernels' C++ autograd node or the eager Function (Triton,
     and DDP: `group` splits the members of the dim-0 groups across its ranks); else the bare forward kernels."""
-    terms = _terms(student, teacher, mask, weight, transposed_weight)
-    if not terms:  # both weights 0
+    if not (weight or transposed_weight):
         return student.new_zeros(student.shape[:1] if reduction == "none" else ())
     if group is None and torch.compiler.is_compiling():
         return _weighted_sum((w, torch.ops.fastkd.masked_pairwise_huber(*inputs, delta, normalize, reduction,
-                                                                        mean_floor)[0]) for w, _, inputs in terms)
+                                                                        mean_floor)[0])
+                             for w, _, inputs in _terms(student, teacher, mask, weight, transposed_weight))
     k = kernels(FAMILY, student)
     if group is not None or (torch.is_grad_enabled() and student.requires_grad):
         autograd = getattr(k, "autograd", None)  # the CPU kernels have it
@@ -143,7 +143,8 @@ def masked_pairwise_huber(student, teacher, mask, delta: float, normalize: bool,
             return autograd(student, teacher, mask, delta, normalize, reduction, mean_floor, weight, transposed_weight)
         return _Eager.apply(student, teacher, mask, delta, normalize, reduction, mean_floor, group, weight,
                             transposed_weight)
-    return _weighted_sum((w, k.forward(*inputs, delta, normalize, reduction, mean_floor)[0]) for w, _, inputs in terms)
+    return _weighted_sum((w, k.forward(*inputs, delta, normalize, reduction, mean_floor)[0])
+                         for w, _, inputs in _terms(student, teacher, mask, weight, transposed_weight))
 
 
 if EXTENSION_ERROR is None:  # the schemas come with fastkd._C
