@@ -1,6 +1,7 @@
 // Schemas of every fastkd op, declared once. Kernels attach per device: C++ ones here with TORCH_LIBRARY_IMPL
 // (csrc/cpu, csrc/cuda), Python ones (Triton, vectorised PyTorch) and the fake and autograd kernels in
-// fastkd/ops/<op>.py. Each backward is an op of its own, so that torch.compile can trace it.
+// fastkd/ops/<op>.py. Each backward is an op of its own, so that torch.compile can trace it. (The eager CPU
+// autograd nodes of MLD and LED are not ops: csrc/cpu/binary_kl_div.h, masked_pairwise_huber.h.)
 #include <torch/library.h>
 
 #include "fastkd.h"
@@ -23,17 +24,11 @@ TORCH_LIBRARY(fastkd, m) {
   m.def("binary_kl_div(Tensor student, Tensor teacher, float temperature, str reduction) -> Tensor");
   m.def("binary_kl_div_backward(Tensor grad, Tensor student, Tensor teacher, float temperature, str reduction, "
         "bool teacher_grad) -> Tensor[]");
-  // [loss, its gradients for an upstream gradient of 1] in one pass: the eager CPU path (no CUDA kernel).
-  m.def("binary_kl_div_with_grad(Tensor student, Tensor teacher, float temperature, str reduction, "
-        "bool teacher_grad) -> Tensor[]");
   // LED: masked pairwise Huber over variable-size groups; returns (loss, per-group stats (G, 3)).
   m.def("masked_pairwise_huber(Tensor student, Tensor teacher, Tensor mask, float delta, bool normalize, "
         "str reduction, float mean_floor) -> (Tensor, Tensor)");
   m.def("masked_pairwise_huber_backward(Tensor grad, Tensor student, Tensor teacher, Tensor mask, Tensor stats, "
         "float delta, str reduction) -> Tensor");
-  // (loss, stats, d loss / d student for an upstream gradient of 1) in one pass: the eager CPU path (no CUDA kernel).
-  m.def("masked_pairwise_huber_with_grad(Tensor student, Tensor teacher, Tensor mask, float delta, bool normalize, "
-        "str reduction, float mean_floor) -> (Tensor, Tensor, Tensor)");
   // TaT: softmax(scale q k^T) v fused with its MSE; returns (loss, lse, rowdot, residual).
   m.def("tat_attention_loss(Tensor query, Tensor key, Tensor value, Tensor target, float scale, str reduction, "
         "bool save_residual) -> (Tensor, Tensor, Tensor, Tensor)");

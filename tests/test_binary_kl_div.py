@@ -139,18 +139,22 @@ def test_opcheck(device, reduction):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_one_pass_cpu_op_matches_forward_and_backward_ops(reduction):
-    """The eager CPU path's binary_kl_div_with_grad = the forward op and the backward op for an upstream 1."""
+def test_cpu_autograd_node_matches_forward_and_backward_ops(reduction):
+    """The eager CPU node (C++: stored gradient x upstream) = the forward op and the backward op, for a random
+    upstream gradient, with and without the teacher's gradient."""
     s, t = make_logits((5, 4, 13), torch.float32, "cpu", scale=20.0)  # |z| up to ~80: every branch
-    shape = s.shape if reduction == "none" else ()
+    upstream = torch.randn(s.shape if reduction == "none" else ())
     for teacher_grad in (False, True):
-        loss, *grads = torch.ops.fastkd.binary_kl_div_with_grad(s, t, 1.5, reduction, teacher_grad)
+        s_, t_ = s.clone().requires_grad_(), t.clone().requires_grad_(teacher_grad)
+        loss = fastkd._C.binary_kl_div_autograd(s_, t_, 1.5, reduction)
         torch.testing.assert_close(loss, torch.ops.fastkd.binary_kl_div(s, t, 1.5, reduction), rtol=1e-6, atol=1e-6)
-        expected = torch.ops.fastkd.binary_kl_div_backward(torch.ones(shape), s, t, 1.5, reduction, teacher_grad)
-        assert len(grads) == len(expected)
-        for got, want in zip(grads, expected):
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-        torch.library.opcheck(torch.ops.fastkd.binary_kl_div_with_grad.default, (s, t, 1.5, reduction, teacher_grad))
+        loss.backward(upstream)
+        expected = torch.ops.fastkd.binary_kl_div_backward(upstream, s, t, 1.5, reduction, teacher_grad)
+        torch.testing.assert_close(s_.grad, expected[0], rtol=1e-6, atol=1e-7)
+        if teacher_grad:
+            torch.testing.assert_close(t_.grad, expected[1], rtol=1e-6, atol=1e-7)
+        else:
+            assert len(expected) == 1 and t_.grad is None
 
 
 def test_torch_compile_fullgraph_forward_and_backward(device):

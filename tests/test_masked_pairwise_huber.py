@@ -104,16 +104,29 @@ def test_led_cd_and_id_match_official(device, target_dtype):
     assert_close(cd, ref_cd)
     assert_close(id_, ref_id)
     assert_close(student.grad, s64.grad)
+    fused_student = student.detach().clone().requires_grad_()  # both terms in one call and one autograd node
+    fused = fastkd.led_loss(fused_student, teacher, targets, cd_weight=1.0, id_weight=10.0)
+    fused.backward()
+    assert_close(fused, ref_cd + 10 * ref_id)
+    assert_close(fused_student.grad, s64.grad)
 
 
-def test_led_loss_module(device):
-    student, teacher = torch.randn(5, 4, 8, device=device), torch.randn(5, 4, 8, device=device)
-    targets = torch.rand(5, 4, device=device) < 0.6
-    module = fastkd.nn.LEDLoss(lambda_cd=2.0, lambda_id=3.0, delta=0.5)
-    expected = (2 * fastkd.led_cd_loss(student, teacher, targets, delta=0.5)
-                + 3 * fastkd.led_id_loss(student, teacher, targets, delta=0.5))
-    torch.testing.assert_close(module(student, teacher, targets), expected)
-    assert "lambda_cd=2.0" in repr(module) and "delta=0.5" in repr(module)
+@pytest.mark.parametrize("lambdas", [(2.0, 3.0), (0.0, 3.0), (2.0, 0.0), (0.0, 0.0)], ids=str)
+def test_led_loss_module(device, lambdas):
+    gen = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(5, 4, 8, generator=gen).to(device), torch.randn(5, 4, 8, generator=gen).to(device)
+    targets = (torch.rand(5, 4, generator=gen) < 0.6).to(device)
+    module = fastkd.nn.LEDLoss(*lambdas, delta=0.5)
+    s1, s2 = student.clone().requires_grad_(), student.clone().requires_grad_()
+    loss = module(s1, teacher, targets)
+    expected = (lambdas[0] * fastkd.led_cd_loss(s2, teacher, targets, delta=0.5)
+                + lambdas[1] * fastkd.led_id_loss(s2, teacher, targets, delta=0.5))
+    torch.testing.assert_close(loss, expected)
+    if any(lambdas):
+        loss.backward()
+        expected.backward()
+        torch.testing.assert_close(s1.grad, s2.grad)
+    assert f"lambda_cd={lambdas[0]}" in repr(module) and "delta=0.5" in repr(module)
 
 
 def test_gradcheck_float64(device):
@@ -134,29 +147,41 @@ def test_opcheck(device):
 
 
 @pytest.mark.parametrize("reduction", ["official", "sum", "mean", "none"])
-def test_one_pass_cpu_op_matches_forward_and_backward_ops(reduction):
-    """The eager CPU path's masked_pairwise_huber_with_grad = the forward op and the backward op for an upstream 1."""
+def test_cpu_autograd_node_matches_forward_and_backward_ops(reduction):
+    """The eager CPU node (C++: stored gradient x upstream) = weight x (forward op, backward op) + transposed_weight
+    x the same over the transposed problem, for a random upstream gradient."""
     student, teacher, mask = make_inputs((4, 9, 5, 6), torch.float32, "cpu", 0.6)
     student[0, 1] = student[0, 2]  # a clamped pair: no gradient through the clamp
     mask[0, 1:3] = True
-    loss, stats, grad = torch.ops.fastkd.masked_pairwise_huber_with_grad(student, teacher, mask, 1.0, True, reduction,
-                                                                         0.0)
-    expected_loss, expected_stats = torch.ops.fastkd.masked_pairwise_huber(student, teacher, mask, 1.0, True,
-                                                                           reduction, 0.0)
-    assert torch.equal(loss, expected_loss) and torch.equal(stats, expected_stats)
-    upstream = torch.ones(4 if reduction == "none" else ())
-    expected = torch.ops.fastkd.masked_pairwise_huber_backward(upstream, student, teacher, mask, stats, 1.0, reduction)
-    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-7)
-    assert grad.abs().sum() > 0 and torch.all(grad[~mask] == 0)
-    torch.library.opcheck(torch.ops.fastkd.masked_pairwise_huber_with_grad.default,
-                          (student, teacher, mask, 1.0, True, reduction, 0.0))
+    weights = [(1.0, 0.0), (2.5, 0.0)] if reduction == "none" else [(1.0, 0.0), (0.0, 2.5), (0.5, 3.0)]
+    for weight, transposed_weight in weights:
+        problems = [(weight, student, teacher, mask)] if weight else []
+        if transposed_weight:
+            problems.append((transposed_weight, student.transpose(0, 1), teacher.transpose(0, 1), mask.T))
+        upstream = torch.randn(problems[0][1].shape[0] if reduction == "none" else ())
+        x = student.clone().requires_grad_()
+        loss = fastkd._C.masked_pairwise_huber_autograd(x, teacher, mask, 1.0, True, reduction, 0.0, weight,
+                                                        transposed_weight)
+        loss.backward(upstream)
+        expected_loss, expected_grad = 0, torch.zeros_like(student)
+        for w, s, t, m in problems:
+            term, stats = torch.ops.fastkd.masked_pairwise_huber(s, t, m, 1.0, True, reduction, 0.0)
+            grad = torch.ops.fastkd.masked_pairwise_huber_backward(upstream * w, s, t, m, stats, 1.0, reduction)
+            expected_loss = expected_loss + w * term
+            expected_grad += grad.transpose(0, 1) if s is not student else grad
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(x.grad, expected_grad, rtol=1e-6, atol=1e-7)
+        assert x.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="transposed_weight"):
+        fastkd._C.masked_pairwise_huber_autograd(student, teacher, mask, 1.0, True, "none", 0.0, 1.0, 1.0)
 
 
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
 
     def loss_fn(s, t, y):
-        return 100 * fastkd.led_cd_loss(s, t, y) + 1000 * fastkd.led_id_loss(s, t, y)
+        return (100 * fastkd.led_cd_loss(s, t, y) + 1000 * fastkd.led_id_loss(s, t, y)
+                + fastkd.led_loss(s, t, y, cd_weight=2.0, id_weight=3.0))
 
     compiled = torch.compile(loss_fn, fullgraph=True)
     gen = torch.Generator().manual_seed(2)
@@ -186,6 +211,10 @@ def test_torch_compile_fullgraph(device):
     (lambda s, t, m: fastkd.led_id_loss(s, t[:2], m), ValueError, r"teacher_emb must be \(B, Q, D_t\) with \(B, Q\) = \(3, 4\), got \(2, 4, 5\)"),
     (lambda s, t, m: fastkd.led_id_loss(s, t, m.T), ValueError, r"targets must have shape \(3, 4\), got \(4, 3\)"),
     (lambda s, t, m: fastkd.led_cd_loss(s, t, m.float() - 0.5), ValueError, r"targets must hold only 0 and 1"),
+    (lambda s, t, m: fastkd.led_loss(s, t, m, reduction="none"), ValueError, r"reduction 'none' gives one loss per group, and CD and ID have different groups"),
+    (lambda s, t, m: fastkd.led_loss(s, t, m, cd_weight="1"), TypeError, r"cd_weight must be a finite real number, got '1'"),
+    (lambda s, t, m: fastkd.led_loss(s, t, m, id_weight=float("nan")), TypeError, r"id_weight must be a finite real number, got nan"),
+    (lambda s, t, m: fastkd.led_loss(s, t.double(), m), TypeError, r"teacher_emb must have the dtype of student_emb \(torch.float32\), got torch.float64"),
 ])
 def test_bad_input_raises_clear_error(call, error, match):
     student, teacher = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
@@ -200,10 +229,14 @@ def _ddp_worker(rank, world, port, backend, batch, result_dir):
     student, teacher, targets = batch
     per_rank = student.shape[0] // world
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
-    local = student[rows].clone().requires_grad_()
-    loss = fastkd.led_cd_loss(local, teacher[rows], targets[rows], process_group=dist.group.WORLD)
-    loss.backward()
-    torch.save({"loss": loss.detach(), "grad": local.grad}, os.path.join(result_dir, f"rank{rank}.pt"))
+    results = {}
+    for name, loss_fn in [("cd", fastkd.led_cd_loss), ("led", lambda *a, **k: fastkd.led_loss(*a, cd_weight=2.0,
+                                                                                            id_weight=3.0, **k))]:
+        local = student[rows].clone().requires_grad_()
+        loss = loss_fn(local, teacher[rows], targets[rows], process_group=dist.group.WORLD)
+        loss.backward()
+        results[name] = {"loss": loss.detach(), "grad": local.grad}
+    torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -221,10 +254,17 @@ def test_ddp_cd_equals_one_process_on_the_global_batch(backend, tmp_path):
     single = fastkd.led_cd_loss(whole, teacher, targets)
     single.backward()
     for rank in range(world):
+        rows = slice(rank * 3, (rank + 1) * 3)
         result = torch.load(tmp_path / f"rank{rank}.pt")
-        torch.testing.assert_close(result["loss"], single.detach())
+        torch.testing.assert_close(result["cd"]["loss"], single.detach())
         # scaled by the world size so that DDP's gradient averaging gives the single-process gradient
-        torch.testing.assert_close(result["grad"], world * whole.grad[rank * 3:(rank + 1) * 3])
+        torch.testing.assert_close(result["cd"]["grad"], world * whole.grad[rows])
+        # led_loss: CD over the global batch as above, ID over this rank's images
+        local = student[rows].clone().requires_grad_()
+        id_ = fastkd.led_id_loss(local, teacher[rows], targets[rows])
+        id_.backward()
+        torch.testing.assert_close(result["led"]["loss"], 2 * single.detach() + 3 * id_.detach())
+        torch.testing.assert_close(result["led"]["grad"], 2 * world * whole.grad[rows] + 3 * local.grad)
 
 
 @pytest.mark.skip(reason="not capturable on CUDA: LED reads its largest group size on the host to size the grid "

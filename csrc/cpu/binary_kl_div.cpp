@@ -1,4 +1,5 @@
-// CPU kernels of fastkd::binary_kl_div and fastkd::binary_kl_div_backward (schemas in csrc/ops.cpp).
+// CPU kernels of fastkd::binary_kl_div and fastkd::binary_kl_div_backward (schemas in csrc/ops.cpp), and the eager
+// CPU autograd node (binary_kl_div.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -11,6 +12,8 @@
 #include <vector>
 
 #include "binary_kl_div.h"
+
+#include <torch/csrc/autograd/custom_function.h>
 
 namespace fastkd::cpu {
 namespace {
@@ -95,9 +98,13 @@ std::vector<at::Tensor> binary_kl_div_backward(const at::Tensor& grad, const at:
   return {ds};
 }
 
-// Loss and gradients for an upstream gradient of 1 in one pass: [loss, dloss/dstudent(, dloss/dteacher)]. The
-// eager autograd path's forward (fastkd/ops/binary_kl_div.py): its backward is then a multiply, since on a CPU
-// recomputing the transcendentals costs more than storing the gradient.
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Loss and gradients for an upstream gradient of 1 in one pass: [loss, dloss/dstudent(, dloss/dteacher)]: the
+// forward of the eager autograd node.
 std::vector<at::Tensor> binary_kl_div_with_grad(const at::Tensor& student, const at::Tensor& teacher,
                                                 double temperature, c10::string_view reduction, bool teacher_grad) {
   TORCH_CHECK(student.sizes() == teacher.sizes(), "teacher must have the shape of student");
@@ -124,10 +131,34 @@ std::vector<at::Tensor> binary_kl_div_with_grad(const at::Tensor& student, const
   return {out, ds};
 }
 
+// The eager CPU autograd node: forward = loss and gradients in one pass; backward = gradients x upstream (a 0-dim
+// upstream multiplies on TensorIterator's scalar path).
+struct BinaryKLDiv : torch::autograd::Function<BinaryKLDiv> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
+                            double temperature, c10::string_view reduction) {
+    std::vector<at::Tensor> out =
+        binary_kl_div_with_grad(student, teacher, temperature, reduction, ctx->needs_input_grad(1));
+    ctx->save_for_backward(variable_list(out.begin() + 1, out.end()));
+    return out[0];
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list stored = ctx->get_saved_variables();
+    return {stored[0] * grads[0], stored.size() > 1 ? stored[1] * grads[0] : at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor binary_kl_div_autograd(const at::Tensor& student, const at::Tensor& teacher, double temperature,
+                                  c10::string_view reduction) {
+  return BinaryKLDiv::apply(student, teacher, temperature, reduction);
+}
+
 }  // namespace fastkd::cpu
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("binary_kl_div", &fastkd::cpu::binary_kl_div_forward);
   m.impl("binary_kl_div_backward", &fastkd::cpu::binary_kl_div_backward);
-  m.impl("binary_kl_div_with_grad", &fastkd::cpu::binary_kl_div_with_grad);
 }

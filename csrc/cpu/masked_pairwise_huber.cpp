@@ -1,4 +1,5 @@
-// CPU kernels of fastkd::masked_pairwise_huber and its backward (schemas in csrc/ops.cpp; math in
+// CPU kernels of fastkd::masked_pairwise_huber and its backward (schemas in csrc/ops.cpp), and the eager CPU autograd
+// node (masked_pairwise_huber.h). Math in
 // fastkd/kernels/masked_pairwise_huber_triton.py). Each group's members are read straight from the mask (no packing,
 // no host sync), its unordered pairs i < j visited once (each stands for (i, j) and (j, i)), distances
 // D_ij = sqrt(max(|x_i - x_j|^2, 1e-12)) from differences (no Gram-form cancellation). Groups run in parallel;
@@ -13,6 +14,10 @@
 #include <cmath>
 #include <tuple>
 #include <vector>
+
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "masked_pairwise_huber.h"
 
 namespace fastkd::cpu {
 namespace {
@@ -126,9 +131,10 @@ std::vector<int64_t> member_counts(const at::Tensor& mask) {
 
 // (loss, stats (G, 3) [m_s, m_t, c]) and, when with_grad, d loss / d student for an upstream gradient of 1
 // (zeros outside the groups' members) in the same pass.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& student_in, const at::Tensor& teacher_in,
-                                                       const at::Tensor& mask_in, double delta, bool normalize,
-                                                       c10::string_view reduction, double mean_floor, bool with_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_pass(const at::Tensor& student_in, const at::Tensor& teacher_in,
+                                                            const at::Tensor& mask_in, double delta, bool normalize,
+                                                            c10::string_view reduction, double mean_floor,
+                                                            bool with_grad) {
   const at::Tensor student = unit_last_stride(student_in), teacher = unit_last_stride(teacher_in);
   const at::Tensor mask = mask_in.to(at::kBool);
   const int64_t G = student.size(0), D = student.size(2);
@@ -200,16 +206,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& student
 std::tuple<at::Tensor, at::Tensor> masked_pairwise_huber(const at::Tensor& student, const at::Tensor& teacher,
                                                           const at::Tensor& mask, double delta, bool normalize,
                                                           c10::string_view reduction, double mean_floor) {
-  auto [loss, stats, unused] = forward(student, teacher, mask, delta, normalize, reduction, mean_floor, false);
+  auto [loss, stats, unused] = forward_pass(student, teacher, mask, delta, normalize, reduction, mean_floor, false);
   return {loss, stats};
-}
-
-// Loss, stats and the student's gradient for an upstream gradient of 1, in one pass: the eager CPU path's forward
-// (its backward then multiplies; fastkd/ops/masked_pairwise_huber.py).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_pairwise_huber_with_grad(
-    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& mask, double delta, bool normalize,
-    c10::string_view reduction, double mean_floor) {
-  return forward(student, teacher, mask, delta, normalize, reduction, mean_floor, true);
 }
 
 at::Tensor masked_pairwise_huber_backward(const at::Tensor& grad, const at::Tensor& student_in,
@@ -247,10 +245,64 @@ at::Tensor masked_pairwise_huber_backward(const at::Tensor& grad, const at::Tens
   return out;
 }
 
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The eager CPU autograd node: forward = loss and the student's gradient in one pass (each term); backward = gradient
+// x upstream (0-dim, or per group for reduction "none").
+struct MaskedPairwiseHuber : torch::autograd::Function<MaskedPairwiseHuber> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
+                            const at::Tensor& mask, double delta, bool normalize, c10::string_view reduction,
+                            double mean_floor, double weight, double transposed_weight) {
+    TORCH_CHECK(reduction != "none" || transposed_weight == 0,
+                "reduction 'none' gives one loss per group: it needs transposed_weight == 0");
+    at::Tensor loss, grad;
+    if (weight != 0) {
+      auto [term, stats, term_grad] =
+          forward_pass(student, teacher, mask, delta, normalize, reduction, mean_floor, true);
+      loss = weight == 1 ? term : term * weight;
+      grad = weight == 1 ? term_grad : term_grad * weight;
+    }
+    if (transposed_weight != 0) {
+      auto [term, stats, term_grad] = forward_pass(
+          student.transpose(0, 1), teacher.transpose(0, 1), mask.t(), delta, normalize, reduction, mean_floor, true);
+      term = term * transposed_weight;
+      term_grad = term_grad.transpose(0, 1) * transposed_weight;
+      loss = loss.defined() ? loss + term : term;
+      grad = grad.defined() ? grad + term_grad : term_grad;
+    }
+    if (!loss.defined()) {  // both weights 0
+      loss = at::zeros(reduction == "none" ? at::IntArrayRef{student.size(0)} : at::IntArrayRef{}, student.options());
+      grad = at::zeros_like(student);
+    }
+    ctx->saved_data["per_group"] = reduction == "none";
+    ctx->save_for_backward({grad});
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor stored = ctx->get_saved_variables()[0];
+    const at::Tensor upstream = ctx->saved_data["per_group"].toBool() ? grads[0].reshape({-1, 1, 1}) : grads[0];
+    return {stored * upstream, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor masked_pairwise_huber_autograd(const at::Tensor& student, const at::Tensor& teacher,
+                                          const at::Tensor& mask, double delta, bool normalize,
+                                          c10::string_view reduction, double mean_floor, double weight,
+                                          double transposed_weight) {
+  return MaskedPairwiseHuber::apply(student, teacher, mask, delta, normalize, reduction, mean_floor, weight,
+                                    transposed_weight);
+}
+
 }  // namespace fastkd::cpu
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("masked_pairwise_huber", &fastkd::cpu::masked_pairwise_huber);
   m.impl("masked_pairwise_huber_backward", &fastkd::cpu::masked_pairwise_huber_backward);
-  m.impl("masked_pairwise_huber_with_grad", &fastkd::cpu::masked_pairwise_huber_with_grad);
 }

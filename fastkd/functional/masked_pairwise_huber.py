@@ -1,4 +1,7 @@
 """LED, L2D's label-wise embedding distillation: a masked pairwise Huber loss over groups of embeddings."""
+import math
+import numbers
+
 import torch
 
 from fastkd import ops
@@ -30,7 +33,8 @@ def masked_pairwise_huber(student: torch.Tensor, teacher: torch.Tensor, mask: to
     bounds it; the default reproduces the official code.
     process_group: members (dim 1) are split across the ranks of this group (DDP); the loss is over the
     global set of members (see fastkd.ops.masked_pairwise_huber).
-    Host syncs: one (the largest group size sizes the kernels' grid), two over DDP (the ranks' sizes).
+    Host syncs: on CUDA one (the largest group size sizes the kernels' grid), two over DDP (the ranks' sizes);
+    on CPU none.
     """
     check_float_tensor("student", student)
     check_float_tensor("teacher", teacher)
@@ -40,29 +44,43 @@ def masked_pairwise_huber(student: torch.Tensor, teacher: torch.Tensor, mask: to
     check_same_device_and_dtype("teacher", teacher, "student", student)
     mask = check_binary_mask("mask", mask, student.shape[:2])
     check_same_device("mask", mask, "student", student)
+    return ops.masked_pairwise_huber.masked_pairwise_huber(student, teacher.detach(), mask,
+                                                           *_checked_options(delta, normalize, reduction, mean_floor),
+                                                           _group(process_group, reduction))
+
+
+def _checked_options(delta, normalize, reduction, mean_floor):
+    """(delta, normalize, reduction, mean_floor) checked, as the op takes them."""
     delta = check_positive_number("delta", delta)
     check_choice("reduction", reduction, REDUCTIONS)
     mean_floor = float(mean_floor)
     if not mean_floor >= 0:
         raise ValueError(f"mean_floor must be >= 0, got {mean_floor}")
-    group = process_group if process_group is not None and torch.distributed.get_world_size(process_group) > 1 \
-        else None
-    if group is not None and reduction == "none":
-        raise ValueError("reduction='none' is not supported with a process_group")
     require_extension()
-    return ops.masked_pairwise_huber.masked_pairwise_huber(student, teacher.detach(), mask, delta, bool(normalize),
-                                                    reduction, mean_floor, group)
+    return delta, bool(normalize), reduction, mean_floor
+
+
+def _group(process_group, reduction):
+    """The process group if it spans more than one rank, else None."""
+    if process_group is None or torch.distributed.get_world_size(process_group) == 1:
+        return None
+    if reduction == "none":
+        raise ValueError("reduction='none' is not supported with a process_group")
+    return process_group
 
 
 def _check_embeddings(student_emb, teacher_emb, targets):
     check_float_tensor("student_emb", student_emb)
     check_float_tensor("teacher_emb", teacher_emb)
+    check_same_device_and_dtype("teacher_emb", teacher_emb, "student_emb", student_emb)
     if student_emb.dim() != 3:
         raise ValueError(f"student_emb must be (B, Q, D), got shape {tuple(student_emb.shape)}")
     if teacher_emb.dim() != 3 or teacher_emb.shape[:2] != student_emb.shape[:2]:
         raise ValueError(f"teacher_emb must be (B, Q, D_t) with (B, Q) = {tuple(student_emb.shape[:2])}, got "
                          f"{tuple(teacher_emb.shape)}")
-    return check_binary_mask("targets", targets, student_emb.shape[:2])
+    targets = check_binary_mask("targets", targets, student_emb.shape[:2])
+    check_same_device("targets", targets, "student_emb", student_emb)
+    return targets
 
 
 def led_cd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, targets: torch.Tensor, *,
@@ -70,14 +88,57 @@ def led_cd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, targets: t
     """Class-aware LED: one group per class k, the embeddings e_bk of the images b with y_bk = 1.
 
     student_emb (B, Q, Ds), teacher_emb (B, Q, Dt), targets (B, Q) 0/1 (bool, int or float); kwargs as in
-    masked_pairwise_huber (official defaults). With `process_group`, groups span the global batch."""
-    targets = _check_embeddings(student_emb, teacher_emb, targets)
-    return masked_pairwise_huber(student_emb.transpose(0, 1), teacher_emb.transpose(0, 1), targets.T,
-                                 process_group=process_group, **kwargs)
+    masked_pairwise_huber (official defaults; reduction "none" gives (Q,)). With `process_group`, groups span the
+    global batch."""
+    return _led(student_emb, teacher_emb, targets, 1.0, 0.0, process_group, **kwargs)
 
 
 def led_id_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, targets: torch.Tensor, **kwargs) -> torch.Tensor:
     """Instance-aware LED: one group per image b, the embeddings e_bk of its positive labels (y_bk = 1).
-    Shapes as led_cd_loss; each group lives on one rank, so DDP needs nothing special."""
-    targets = _check_embeddings(student_emb, teacher_emb, targets)
-    return masked_pairwise_huber(student_emb, teacher_emb, targets, **kwargs)
+    Shapes as led_cd_loss (reduction "none" gives (B,)); each group lives on one rank, so DDP needs nothing
+    special."""
+    return _led(student_emb, teacher_emb, targets, 0.0, 1.0, None, **kwargs)
+
+
+def led_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, targets: torch.Tensor, *, cd_weight: float = 1.0,
+             id_weight: float = 1.0, process_group=None, **kwargs) -> torch.Tensor:
+    """cd_weight * led_cd_loss + id_weight * led_id_loss, checked once and computed in one autograd node (eager):
+    the form to use in a training loop (L2D's official weights are 100 and 1000; fastkd.nn.LEDLoss).
+
+    Shapes and kwargs as led_cd_loss; reduction "none" needs one of the weights to be 0 (the two terms have
+    different group counts). With `process_group`, CD's groups span the global batch, ID stays per rank."""
+    return _led(student_emb, teacher_emb, targets, _check_weight("cd_weight", cd_weight),
+                _check_weight("id_weight", id_weight), process_group, **kwargs)
+
+
+def _led(student_emb, teacher_emb, targets, cd_weight, id_weight, process_group, delta=1.0, normalize=True,
+         reduction="official", mean_floor=0.0):
+    """cd_weight * CD + id_weight * ID through one op call: CD's groups are the (Q, B, D) view's rows, ID's the
+    rows of the transposed problem; ID alone runs on (B, Q, D) itself (so that reduction "none" gives (B,))."""
+    check_float_tensor("student_emb", student_emb)
+    check_float_tensor("teacher_emb", teacher_emb)
+    check_same_device_and_dtype("teacher_emb", teacher_emb, "student_emb", student_emb)
+    if student_emb.dim() != 3:
+        raise ValueError(f"student_emb must be (B, Q, D), got shape {tuple(student_emb.shape)}")
+    if teacher_emb.dim() != 3 or teacher_emb.shape[:2] != student_emb.shape[:2]:
+        raise ValueError(f"teacher_emb must be (B, Q, D_t) with (B, Q) = {tuple(student_emb.shape[:2])}, got "
+                         f"{tuple(teacher_emb.shape)}")
+    targets = check_binary_mask("targets", targets, student_emb.shape[:2])
+    check_same_device("targets", targets, "student_emb", student_emb)
+    options = _checked_options(delta, normalize, reduction, mean_floor)
+    if reduction == "none" and cd_weight and id_weight:
+        raise ValueError("reduction 'none' gives one loss per group, and CD and ID have different groups: set "
+                         "cd_weight or id_weight to 0, or use led_cd_loss and led_id_loss")
+    student, teacher = student_emb, teacher_emb.detach()
+    if not cd_weight:  # ID alone
+        return ops.masked_pairwise_huber.masked_pairwise_huber(student, teacher, targets, *options, None,
+                                                               weight=id_weight)
+    return ops.masked_pairwise_huber.masked_pairwise_huber(
+        student.transpose(0, 1), teacher.transpose(0, 1), targets.T, *options, _group(process_group, reduction),
+        weight=cd_weight, transposed_weight=id_weight)
+
+
+def _check_weight(name, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)

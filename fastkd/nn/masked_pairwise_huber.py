@@ -1,11 +1,12 @@
 """LED as an nn.Module."""
 from torch import Tensor, nn
 
-from fastkd.functional import led_cd_loss, led_id_loss
+from fastkd.functional import led_loss
 
 
 class LEDLoss(nn.Module):
-    """L2D's label-wise embedding distillation: lambda_cd * CD + lambda_id * ID (official weights 100, 1000).
+    """L2D's label-wise embedding distillation: lambda_cd * CD + lambda_id * ID (official weights 100, 1000), in one
+    autograd node (fastkd.led_loss).
 
     forward(student_emb (B, Q, Ds), teacher_emb (B, Q, Dt), targets (B, Q) 0/1). kwargs (delta, normalize,
     reduction, mean_floor) go to both terms; `process_group` makes CD span the global batch under DDP.
@@ -18,13 +19,8 @@ class LEDLoss(nn.Module):
         self.kwargs = kwargs
 
     def forward(self, student_emb: Tensor, teacher_emb: Tensor, targets: Tensor) -> Tensor:
-        loss = student_emb.new_zeros(())
-        if self.lambda_cd:
-            loss = loss + self.lambda_cd * led_cd_loss(student_emb, teacher_emb, targets,
-                                                       process_group=self.process_group, **self.kwargs)
-        if self.lambda_id:
-            loss = loss + self.lambda_id * led_id_loss(student_emb, teacher_emb, targets, **self.kwargs)
-        return loss
+        return led_loss(student_emb, teacher_emb, targets, cd_weight=self.lambda_cd, id_weight=self.lambda_id,
+                        process_group=self.process_group, **self.kwargs)
 
     def extra_repr(self) -> str:
         return f"lambda_cd={self.lambda_cd}, lambda_id={self.lambda_id}" + "".join(

@@ -1,8 +1,8 @@
 """``fastkd::binary_kl_div`` (MLD): fake and autograd kernels, the Triton kernel for CUDA (CPU: C++), and the eager
-entry point. On CPU the eager forward also computes the gradient (``fastkd::binary_kl_div_with_grad``, one pass:
-the CPU is compute-bound on exp/log1p, so storing the gradient beats recomputing it) and the backward multiplies;
-on CUDA the backward kernel recomputes it (memory-bound: both move 5n elements). Host syncs: none (the upstream
-gradient is read inside the kernels)."""
+entry point. Eager on CPU: one C++ autograd node whose forward also computes the gradient (one pass: the CPU is
+compute-bound on exp/log1p, so storing the gradient beats recomputing it) and whose backward multiplies; on CUDA
+the backward kernel recomputes it (memory-bound: both move 5n elements). Host syncs: none (the upstream gradient is
+read inside the kernels)."""
 import torch
 
 from fastkd._extension import EXTENSION_ERROR
@@ -19,11 +19,6 @@ def _backward_fake(grad, student, teacher, temperature, reduction, teacher_grad)
     return [torch.empty_like(student), torch.empty_like(teacher)] if teacher_grad else [torch.empty_like(student)]
 
 
-def _with_grad_fake(student, teacher, temperature, reduction, teacher_grad):
-    return [_fake(student, teacher, temperature, reduction)] + _backward_fake(None, student, teacher, temperature,
-                                                                               reduction, teacher_grad)
-
-
 def _setup_context(ctx, inputs, output):
     student, teacher, ctx.temperature, ctx.reduction = inputs
     ctx.save_for_backward(student, teacher)
@@ -38,44 +33,36 @@ def _grads(ctx, grad, backward):
 
 
 class _Eager(torch.autograd.Function):
-    """Eager autograd: the device kernels called directly, one Python boundary per direction (forward takes
+    """Eager autograd of the Triton kernels: called directly, one Python boundary per direction (forward takes
     ctx: the setup_context form costs more per call)."""
 
     @staticmethod
     def forward(ctx, student, teacher, temperature, reduction):
-        k = kernels(FAMILY, student)
-        with_grad = getattr(k, "binary_kl_div_with_grad", None)  # the CPU kernels have it
-        if with_grad is None:
-            _setup_context(ctx, (student, teacher, temperature, reduction), None)
-            ctx.stored_grads = False
-            return k.binary_kl_div_forward(student, teacher, temperature, reduction)
-        loss, *grads = with_grad(student, teacher, temperature, reduction, ctx.needs_input_grad[1])
-        ctx.save_for_backward(*grads)
-        ctx.stored_grads = True
-        return loss
+        _setup_context(ctx, (student, teacher, temperature, reduction), None)
+        return kernels(FAMILY, student).binary_kl_div_forward(student, teacher, temperature, reduction)
 
     @staticmethod
     def backward(ctx, grad):
-        if not ctx.stored_grads:
-            return _grads(ctx, grad, kernels(FAMILY, grad).binary_kl_div_backward)
-        grads = [torch.mul(g, grad) for g in ctx.saved_tensors]
-        return grads[0], (grads[1] if len(grads) > 1 else None), None, None
+        return _grads(ctx, grad, kernels(FAMILY, grad).binary_kl_div_backward)
 
 
 def binary_kl_div(student, teacher, temperature: float, reduction: str):
-    """Checked arguments -> loss: the registered op under torch.compile, else the eager Function (or the bare
-    forward kernel when no gradient is needed)."""
+    """Checked arguments -> loss: the registered op under torch.compile; else, when a gradient is needed, the CPU
+    kernels' C++ autograd node or the eager Function of the Triton kernels; else the bare forward kernel."""
     if torch.compiler.is_compiling():
         return torch.ops.fastkd.binary_kl_div(student, teacher, temperature, reduction)
+    k = kernels(FAMILY, student)
     if torch.is_grad_enabled() and (student.requires_grad or teacher.requires_grad):
+        autograd = getattr(k, "binary_kl_div_autograd", None)  # the CPU kernels have it
+        if autograd is not None:
+            return autograd(student, teacher, temperature, reduction)
         return _Eager.apply(student, teacher, temperature, reduction)
-    return kernels(FAMILY, student).binary_kl_div_forward(student, teacher, temperature, reduction)
+    return k.binary_kl_div_forward(student, teacher, temperature, reduction)
 
 
 if EXTENSION_ERROR is None:  # the schemas come with fastkd._C
     torch.library.register_fake("fastkd::binary_kl_div", _fake)
     torch.library.register_fake("fastkd::binary_kl_div_backward", _backward_fake)
-    torch.library.register_fake("fastkd::binary_kl_div_with_grad", _with_grad_fake)
     torch.library.register_autograd("fastkd::binary_kl_div",
                                     lambda ctx, grad: _grads(ctx, grad, torch.ops.fastkd.binary_kl_div_backward),
                                     setup_context=_setup_context)

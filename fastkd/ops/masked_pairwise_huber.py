@@ -5,8 +5,8 @@ The op returns (loss, per-group stats [m_s, m_t, c] (G, 3)): the stats are all t
 inputs. Host syncs: on CUDA one, in the packing of the groups (the largest group size and the number of query
 members size the grid, like max_seqlen in variable-length attention); the eager backward reuses the forward's
 packing, the registered backward op (torch.compile) packs again. On CPU none. Over DDP one more: the ranks' sizes.
-On CPU the eager forward also computes the student's gradient (``fastkd::masked_pairwise_huber_with_grad``, the
-pairs visited once) and the backward multiplies by the upstream gradient.
+Eager on CPU: one C++ autograd node whose forward also computes the student's gradient (the pairs visited once)
+and whose backward multiplies by the upstream gradient.
 """
 import torch
 import torch.distributed as dist
@@ -26,10 +26,6 @@ def _fake(student, teacher, mask, delta, normalize, reduction, mean_floor):
 
 def _backward_fake(grad, student, teacher, mask, stats, delta, reduction):
     return torch.empty_like(student)
-
-
-def _with_grad_fake(student, teacher, mask, delta, normalize, reduction, mean_floor):
-    return *_fake(student, teacher, mask, delta, normalize, reduction, mean_floor), torch.empty_like(student)
 
 
 def _setup_context(ctx, inputs, output):
@@ -67,66 +63,93 @@ def _global_members(student, teacher, mask, group):
     return s_all, t_all, mask_all, local
 
 
-class _Eager(torch.autograd.Function):
-    """Eager autograd, on one process or over the ranks of `group`: the device kernels called directly; the
-    backward reuses what the forward packed.
+def _terms(student, teacher, mask, weight, transposed_weight):
+    """(weight, transposed, (student, teacher, mask)) of each term with a nonzero weight: groups along dim 0, then
+    groups along dim 1 (the transposed problem)."""
+    terms = [(weight, False, (student, teacher, mask))] if weight else []
+    if transposed_weight:
+        terms.append((transposed_weight, True, (student.transpose(0, 1), teacher.transpose(0, 1), mask.T)))
+    return terms
 
-    Over DDP each rank gathers every rank's rows (no gradient), owns the ordered pairs whose first member is one of
-    its rows, and all-reduces the per-group partial sums between passes, so every pair is computed once and the
-    means and the loss are global. Symmetry gives each rank the full gradient of its own rows; it is multiplied
-    by the world size so that DDP's gradient averaging reproduces one process on the concatenated batch."""
+
+def _weighted_sum(parts):
+    """sum of weight * loss over (weight, loss), without a multiply for weight 1."""
+    total = None
+    for weight, loss in parts:
+        loss = loss if weight == 1 else loss * weight
+        total = loss if total is None else total + loss
+    return total
+
+
+class _Eager(torch.autograd.Function):
+    """Eager autograd of the Triton kernels, and of every kernel over DDP: the device kernels called directly, the
+    terms of one call in one node; the backward reuses what the forward packed.
+
+    Over DDP (`group`, the term over dim 0 only) each rank gathers every rank's rows (no gradient), owns the ordered
+    pairs whose first member is one of its rows, and all-reduces the per-group partial sums between passes, so
+    every pair is computed once and the means and the loss are global. Symmetry gives each rank the full gradient
+    of its own rows; it is multiplied by the world size so that DDP's gradient averaging reproduces one process on
+    the concatenated batch."""
 
     @staticmethod
-    def forward(ctx, student, teacher, mask, delta, normalize, reduction, mean_floor, group):
+    def forward(ctx, student, teacher, mask, delta, normalize, reduction, mean_floor, group, weight,
+                transposed_weight):
         k = kernels(FAMILY, student)
-        local = all_reduce = None
-        if group is not None:
-            ctx.rows = slice(dist.get_rank(group) * student.shape[1], (dist.get_rank(group) + 1) * student.shape[1])
-            student, teacher, mask, local = _global_members(student, teacher, mask, group)
-            all_reduce = lambda t: dist.all_reduce(t, group=group)  # noqa: E731
-        ctx.k, ctx.delta, ctx.reduction, ctx.group = k, delta, reduction, group
-        with_grad = getattr(k, "forward_with_grad", None)  # the CPU kernels have it
-        ctx.stored_grad = with_grad is not None
-        if ctx.stored_grad:
-            loss, _, grad_student = with_grad(student, teacher, mask, delta, normalize, reduction, mean_floor)
-            ctx.save_for_backward(grad_student)
-            return loss
-        loss, stats, ctx.packed = k.forward(student, teacher, mask, delta, normalize, reduction, mean_floor, local,
-                                            all_reduce)
-        ctx.save_for_backward(student, teacher, mask, stats)
-        return loss
+        ctx.k, ctx.delta, ctx.reduction, ctx.terms = k, delta, reduction, []
+        losses, saved = [], []
+        for w, transposed, (s, t, m) in _terms(student, teacher, mask, weight, transposed_weight):
+            rows = local = all_reduce = None
+            if group is not None and not transposed:
+                rank, n_local = dist.get_rank(group), s.shape[1]
+                rows = slice(rank * n_local, (rank + 1) * n_local)
+                s, t, m, local = _global_members(s, t, m, group)
+                all_reduce = lambda x: dist.all_reduce(x, group=group)  # noqa: E731
+            loss, stats, packed = k.forward(s, t, m, delta, normalize, reduction, mean_floor, local, all_reduce)
+            losses.append((w, loss))
+            saved += [s, t, m, stats]
+            ctx.terms.append((w, transposed, rows, dist.get_world_size(group) if rows is not None else 1, packed))
+        ctx.save_for_backward(*saved)
+        return _weighted_sum(losses)
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.group is not None:
-            grad = grad * dist.get_world_size(ctx.group)
-        if ctx.stored_grad:  # upstream (G,) for reduction "none", else 0-dim (kept so: a fast scalar multiply)
-            grad_student = ctx.saved_tensors[0] * (grad.reshape(-1, 1, 1) if grad.dim() else grad)
-        else:
-            student, teacher, mask, stats = ctx.saved_tensors
-            grad_student = ctx.k.backward(grad, student, teacher, mask, stats, ctx.delta, ctx.reduction, ctx.packed)
-        if ctx.group is not None:
-            grad_student = grad_student[:, ctx.rows]
-        return grad_student, None, None, None, None, None, None, None
+        saved, grad_student = ctx.saved_tensors, None
+        for i, (w, transposed, rows, world, packed) in enumerate(ctx.terms):
+            student, teacher, mask, stats = saved[4 * i:4 * i + 4]
+            upstream = grad if w * world == 1 else grad * (w * world)
+            g = ctx.k.backward(upstream, student, teacher, mask, stats, ctx.delta, ctx.reduction, packed)
+            g = g[:, rows] if rows is not None else g
+            g = g.transpose(0, 1) if transposed else g
+            grad_student = g if grad_student is None else grad_student + g
+        return grad_student, None, None, None, None, None, None, None, None, None
 
 
 def masked_pairwise_huber(student, teacher, mask, delta: float, normalize: bool, reduction: str, mean_floor: float,
-                          group=None):
-    """Checked arguments (teacher detached, mask bool) -> loss: the registered op under torch.compile, else the
-    eager Function (or the bare forward kernels when no gradient is needed). With `group`, members (dim 1) are
-    split across its ranks (eager only: collectives)."""
+                          group=None, weight: float = 1.0, transposed_weight: float = 0.0):
+    """Checked arguments (teacher detached, mask bool) -> weight * loss + transposed_weight * the loss of the
+    transposed problem (groups along dim 1; LED's CD and ID in one call). Under torch.compile the registered op
+    per term; else, when a gradient is needed, the CPU kernels' C++ autograd node or the eager Function (Triton,
+    and DDP: `group` splits the members of the dim-0 groups across its ranks); else the bare forward kernels."""
+    if not (weight or transposed_weight):
+        return student.new_zeros(student.shape[:1] if reduction == "none" else ())
     if group is None and torch.compiler.is_compiling():
-        return torch.ops.fastkd.masked_pairwise_huber(student, teacher, mask, delta, normalize, reduction,
-                                                      mean_floor)[0]
+        return _weighted_sum((w, torch.ops.fastkd.masked_pairwise_huber(*inputs, delta, normalize, reduction,
+                                                                        mean_floor)[0])
+                             for w, _, inputs in _terms(student, teacher, mask, weight, transposed_weight))
+    k = kernels(FAMILY, student)
     if group is not None or (torch.is_grad_enabled() and student.requires_grad):
-        return _Eager.apply(student, teacher, mask, delta, normalize, reduction, mean_floor, group)
-    return kernels(FAMILY, student).forward(student, teacher, mask, delta, normalize, reduction, mean_floor)[0]
+        autograd = getattr(k, "autograd", None)  # the CPU kernels have it
+        if group is None and autograd is not None:
+            return autograd(student, teacher, mask, delta, normalize, reduction, mean_floor, weight, transposed_weight)
+        return _Eager.apply(student, teacher, mask, delta, normalize, reduction, mean_floor, group, weight,
+                            transposed_weight)
+    return _weighted_sum((w, k.forward(*inputs, delta, normalize, reduction, mean_floor)[0])
+                         for w, _, inputs in _terms(student, teacher, mask, weight, transposed_weight))
 
 
 if EXTENSION_ERROR is None:  # the schemas come with fastkd._C
     torch.library.register_fake("fastkd::masked_pairwise_huber", _fake)
     torch.library.register_fake("fastkd::masked_pairwise_huber_backward", _backward_fake)
-    torch.library.register_fake("fastkd::masked_pairwise_huber_with_grad", _with_grad_fake)
     torch.library.register_autograd("fastkd::masked_pairwise_huber", _op_backward, setup_context=_setup_context)
     register("masked_pairwise_huber", FAMILY, lambda k, *args: k.forward(*args)[:2], cpu_is_native=True)
     register("masked_pairwise_huber_backward", FAMILY, lambda k, *args: k.backward(*args), cpu_is_native=True)

@@ -1,9 +1,10 @@
 """Per-device kernels of fastkd's ops, and the test-only switch that runs the Triton kernels on CPU tensors.
 
 Every op has one schema (csrc/ops.cpp) and, in fastkd/ops/<op>.py, one fake kernel, one autograd formula and one
-eager autograd.Function. Device kernels: C++ ones register themselves (TORCH_LIBRARY_IMPL); the Python ones,
+eager entry. Device kernels: C++ ones register themselves (TORCH_LIBRARY_IMPL); the Python ones,
 ``fastkd.kernels.<op>_triton`` (CUDA) and ``<op>_cpu`` (CPU), are attached here with register_kernel, and the
-eager path calls the same functions directly through `kernels` (no dispatcher, no environment lookup).
+eager path calls the same functions directly through `kernels` (no dispatcher, no environment lookup): an
+autograd.Function over them, or, for MLD and LED on CPU, the C++ autograd node that ``<op>_cpu`` exposes.
 """
 import functools
 import importlib
