@@ -69,20 +69,6 @@ def _group(process_group, reduction):
     return process_group
 
 
-def _check_embeddings(student_emb, teacher_emb, targets):
-    check_float_tensor("student_emb", student_emb)
-    check_float_tensor("teacher_emb", teacher_emb)
-    check_same_device_and_dtype("teacher_emb", teacher_emb, "student_emb", student_emb)
-    if student_emb.dim() != 3:
-        raise ValueError(f"student_emb must be (B, Q, D), got shape {tuple(student_emb.shape)}")
-    if teacher_emb.dim() != 3 or teacher_emb.shape[:2] != student_emb.shape[:2]:
-        raise ValueError(f"teacher_emb must be (B, Q, D_t) with (B, Q) = {tuple(student_emb.shape[:2])}, got "
-                         f"{tuple(teacher_emb.shape)}")
-    targets = check_binary_mask("targets", targets, student_emb.shape[:2])
-    check_same_device("targets", targets, "student_emb", student_emb)
-    return targets
-
-
 def led_cd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, targets: torch.Tensor, *,
                 process_group=None, **kwargs) -> torch.Tensor:
     """Class-aware LED: one group per class k, the embeddings e_bk of the images b with y_bk = 1.
