@@ -68,7 +68,8 @@ def peak_memory_bytes(fn, device: torch.device) -> int:
 
 
 def run_benchmark(benchmark, fn, device: torch.device, warmup: int = 3):
-    """Warm fn up (compilation, autotuning, caches), time it with pytest-benchmark; median seconds or None."""
+    """Warm fn up (compilation, autotuning, caches), time it with pytest-benchmark; (median, minimum) seconds or
+    None."""
     def call():
         fn()
         synchronize(device)
@@ -77,7 +78,7 @@ def run_benchmark(benchmark, fn, device: torch.device, warmup: int = 3):
         call()
     benchmark(call)
     stats = getattr(benchmark, "stats", None)
-    return stats.stats.median if stats else None
+    return (stats.stats.median, stats.stats.min) if stats else None
 
 
 def write_results(path: str, env: dict, records: list) -> None:
@@ -94,8 +95,8 @@ def slug(text: str) -> str:
 def measure(benchmark, record, op: str, step, check, device: torch.device, group: str,
             min_bytes_moved: int = None, **fields) -> None:
     """One benchmark case: run `step` once and `check` its result (so the timing is of the right thing), time
-    it, and record median time and peak memory (and GB/s when the fewest bytes any implementation must move
-    are given) for benchmarks/results/<op>-<device>.json. Running out of memory is recorded as the result
+    it, and record median and minimum time and peak memory (and GB/s when the fewest bytes any implementation must
+    move are given) for benchmarks/results/<op>-<device>.json. Running out of memory is recorded as the result
     and the case skipped (dense baselines at stress shapes). Smoke runs time and record nothing."""
     import pytest
     try:
@@ -106,9 +107,11 @@ def measure(benchmark, record, op: str, step, check, device: torch.device, group
         pytest.skip(f"{fields.get('impl')} ran out of memory at {fields.get('shape')}")
     check(result)
     benchmark.group = group
-    seconds = run_benchmark(benchmark, step, device)
-    if seconds is None:
+    timing = run_benchmark(benchmark, step, device)
+    if timing is None:
         return
+    seconds, fastest = timing
     if min_bytes_moved is not None:
         fields.update(min_bytes_moved=min_bytes_moved, gb_per_s=min_bytes_moved / seconds / 1e9)
-    record(op, median_ms=seconds * 1e3, peak_memory_bytes=peak_memory_bytes(step, device), **fields)
+    record(op, median_ms=seconds * 1e3, min_ms=fastest * 1e3, peak_memory_bytes=peak_memory_bytes(step, device),
+           **fields)

@@ -1,5 +1,5 @@
 """Turn benchmark JSON (benchmarks/results/*.json) into markdown tables: time and peak memory per
-implementation, and fastkd's speed-up over each baseline.
+implementation, and fastkd's speed-up over each baseline (medians; from the fastest rounds too where recorded).
 
     python benchmarks/make_table.py                      # print tables for every result file
     python benchmarks/make_table.py --readme README.md   # also replace the block between the markers
@@ -50,7 +50,10 @@ def table(data: dict, op: str) -> str:
                 cells.append(f"{fmt_time(r['median_ms'])} ({fmt_bytes(r['peak_memory_bytes'])})")
         for base in baselines:
             ok = all("median_ms" in by_impl.get(i, {}) for i in ("fastkd", base))
-            cells.append(f"{by_impl[base]['median_ms'] / by_impl['fastkd']['median_ms']:.2f}x" if ok else "-")
+            cell = f"{by_impl[base]['median_ms'] / by_impl['fastkd']['median_ms']:.2f}x" if ok else "-"
+            if ok and all("min_ms" in by_impl[i] for i in ("fastkd", base)):  # fastest rounds: less noise
+                cell += f" (min {by_impl[base]['min_ms'] / by_impl['fastkd']['min_ms']:.2f}x)"
+            cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

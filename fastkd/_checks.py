@@ -4,6 +4,7 @@ import numbers
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INF = float("inf")
 
 
 def check_float_tensor(name: str, x, min_dim: int = 0) -> None:
@@ -54,6 +55,8 @@ def check_int_sequence(name: str, value, length: int, min_value: int = 0) -> tup
 
 
 def check_positive_number(name: str, value) -> float:
+    if type(value) is float and 0 < value < _INF:  # the common case, without the slower ABC check below
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not value > 0 or value == float("inf"):

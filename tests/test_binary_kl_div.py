@@ -157,6 +157,23 @@ def test_cpu_autograd_node_matches_forward_and_backward_ops(reduction):
             assert len(expected) == 1 and t_.grad is None
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "sum"])
+def test_cpu_autograd_node_unit_upstream_keeps_stored_gradient(reduction):
+    """loss.backward() (upstream exactly 1) passes the stored gradients on without multiplying: over a retained
+    graph, an in-place change of .grad must not reach them."""
+    s, t = make_logits((5, 13), torch.float32, "cpu", scale=5.0)
+    expected = torch.ops.fastkd.binary_kl_div_backward(torch.ones(()), s, t, 1.0, reduction, True)
+    s_, t_ = s.clone().requires_grad_(), t.clone().requires_grad_()
+    loss = fastkd._C.binary_kl_div_autograd(s_, t_, 1.0, reduction)
+    loss.backward(retain_graph=True)
+    s_.grad.mul_(10)
+    t_.grad.mul_(10)
+    loss.backward(retain_graph=True)
+    loss.backward(torch.tensor(3.0))
+    torch.testing.assert_close(s_.grad, expected[0] * 14, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(t_.grad, expected[1] * 14, rtol=1e-6, atol=1e-7)
+
+
 def test_torch_compile_fullgraph_forward_and_backward(device):
     torch._dynamo.reset()
 

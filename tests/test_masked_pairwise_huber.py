@@ -176,6 +176,21 @@ def test_cpu_autograd_node_matches_forward_and_backward_ops(reduction):
         fastkd._C.masked_pairwise_huber_autograd(student, teacher, mask, 1.0, True, "none", 0.0, 1.0, 1.0)
 
 
+def test_cpu_autograd_node_unit_upstream_keeps_stored_gradient():
+    """loss.backward() (upstream exactly 1) passes the stored gradient on without multiplying: over a retained
+    graph, an in-place change of .grad must not reach it."""
+    student, teacher, mask = make_inputs((4, 9, 5, 6), torch.float32, "cpu", 0.6)
+    x = student.clone().requires_grad_()
+    loss = fastkd._C.masked_pairwise_huber_autograd(x, teacher, mask, 1.0, True, "official", 0.0, 1.0, 2.0)
+    loss.backward(retain_graph=True)
+    expected = x.grad.clone()
+    assert expected.abs().sum() > 0
+    x.grad.mul_(10)
+    loss.backward(retain_graph=True)
+    loss.backward(torch.tensor(3.0))
+    torch.testing.assert_close(x.grad, expected * 14, rtol=1e-6, atol=1e-7)
+
+
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
 

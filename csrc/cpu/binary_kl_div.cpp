@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "binary_kl_div.h"
+#include "unit_gradient.h"
 
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -132,7 +133,7 @@ std::vector<at::Tensor> binary_kl_div_with_grad(const at::Tensor& student, const
 }
 
 // The eager CPU autograd node: forward = loss and gradients in one pass; backward = gradients x upstream (a 0-dim
-// upstream multiplies on TensorIterator's scalar path).
+// upstream multiplies on TensorIterator's scalar path; an upstream of exactly 1 passes them on: unit_gradient.h).
 struct BinaryKLDiv : torch::autograd::Function<BinaryKLDiv> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
                             double temperature, c10::string_view reduction) {
@@ -144,8 +145,10 @@ struct BinaryKLDiv : torch::autograd::Function<BinaryKLDiv> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list stored = ctx->get_saved_variables();
-    return {stored[0] * grads[0], stored.size() > 1 ? stored[1] * grads[0] : at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    if (!is_unit_gradient(grads[0])) {
+      for (at::Tensor& grad : stored) grad = grad * grads[0];
+    }
+    return {stored[0], stored.size() > 1 ? stored[1] : at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 

@@ -1,9 +1,11 @@
 // MLD (per-label binary KL) CPU kernels, written once with at::vec and compiled per CPU capability
 // (binary_kl_div_default.cpp, binary_kl_div_avx2.cpp). The math of fastkd/kernels/binary_kl_div_triton.py in a
-// form with one log1p (the CPU is compute-bound on Sleef's exp/log1p, the GPU on memory):
+// form with one log1p (the CPU is compute-bound on exp/log1p, the GPU on memory):
 //   a = z_s / T, b = z_t / T, e_x = exp(-|x|), r_x = 1 / (1 + e_x)
 //   kl = max(c, 0) + e_b r_b d + log1p((e_a - e_b) r_b),  (c, d) = (-a, a - b) if b >= 0 else (a, b - a)
 //     (= p_t (b - a) + sp(a) - sp(b) with sp = softplus, arranged so that no two large terms cancel)
+// fp32 computes exp and this log1p by the short forms below: the one-pass forward with gradients at (640, 80) runs
+// 1.6-2x faster than with Sleef's, at the same error against a float64 reference.
 //   dkl/da = sigmoid(a) - sigmoid(b),  dkl/db = sigmoid(b) sigmoid(-b) (b - a) = e_b r_b^2 (b - a)
 // Include only from a file that has defined CPU_CAPABILITY (the namespace keeps builds apart).
 #pragma once
@@ -34,9 +36,58 @@ inline void sigmoid_pair(const Vec<acc_t>& x, const Vec<acc_t>& e, Vec<acc_t>& p
   neg = Vec<acc_t>::blendv(r, er, nonneg);
 }
 
+// exp(x) for x <= 0 or NaN (Sleef's, except below).
+template <typename acc_t>
+inline Vec<acc_t> exp_nonpositive(const Vec<acc_t>& x) {
+  return x.exp();
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+// fp32 on AVX2: exp(x) = 2^n p(r), n = round(x log2(e)), r = x - n ln(2) in two parts (Cody-Waite), |r| <= ln(2) / 2,
+// p = Taylor to degree 7 (truncation 5e-9 relative; ~1-2 ulp in all). x < ln(FLT_MIN) -> 0 (exp's subnormals, below
+// 1.2e-38, are dropped: they are added to 1 or scale a term of the same size); NaN -> NaN. About half of Sleef's
+// general exp: no overflow or subnormal paths.
+template <>
+inline Vec<float> exp_nonpositive<float>(const Vec<float>& x) {
+  const __m256 min_x = _mm256_set1_ps(-87.33654f);  // ln(FLT_MIN)
+  const __m256 xc = _mm256_max_ps(min_x, x);       // max_ps returns its second operand for NaN: NaN stays
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));  // NaN x -> NaN p -> NaN e
+  return _mm256_blendv_ps(e, _mm256_setzero_ps(), _mm256_cmp_ps(x, min_x, _CMP_LT_OQ));
+}
+#endif
+
 template <typename acc_t>
 inline Vec<acc_t> exp_neg_abs(const Vec<acc_t>& x) {
-  return x.abs().neg().exp();
+  return exp_nonpositive(x.abs().neg());
+}
+
+// log((1 + e_a) / (1 + e_b)) = log1p((e_a - e_b) r_b) for e_a, e_b in [0, 1], r_b = 1 / (1 + e_b).
+template <typename acc_t>
+inline Vec<acc_t> log_ratio(const Vec<acc_t>& e_a, const Vec<acc_t>& e_b, const Vec<acc_t>& r_b) {
+  return ((e_a - e_b) * r_b).log1p();
+}
+
+// fp32: log((1 + e_a) / (1 + e_b)) = 2 atanh(y), y = (e_a - e_b) / (2 + e_a + e_b), |y| <= 1/3, as the series
+// 2 y (1 + y^2/3 + ... + y^14/15) (truncation < 2e-8 relative): no range reduction, one division.
+template <>
+inline Vec<float> log_ratio<float>(const Vec<float>& e_a, const Vec<float>& e_b, const Vec<float>&) {
+  const Vec<float> y = (e_a - e_b) / (Vec<float>(2) + e_a + e_b), z = y * y;
+  Vec<float> p(1.f / 15);
+  for (float c : {1.f / 13, 1.f / 11, 1.f / 9, 1.f / 7, 1.f / 5, 1.f / 3, 1.f}) p = at::vec::fmadd(p, z, Vec<float>(c));
+  return (y + y) * p;
 }
 
 // kl from a, b and their e_a, e_b, r_b (header formula).
@@ -47,7 +98,7 @@ inline Vec<acc_t> binary_kl(const Vec<acc_t>& a, const Vec<acc_t>& b, const Vec<
   const Vec<acc_t> nonneg = b >= zero;
   const Vec<acc_t> c = Vec<acc_t>::blendv(a, a.neg(), nonneg);
   const Vec<acc_t> d = Vec<acc_t>::blendv(b - a, a - b, nonneg);
-  return at::vec::maximum(c, zero) + e_b * r_b * d + ((e_a - e_b) * r_b).log1p();
+  return at::vec::maximum(c, zero) + e_b * r_b * d + log_ratio(e_a, e_b, r_b);
 }
 
 template <typename acc_t>

@@ -18,6 +18,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "masked_pairwise_huber.h"
+#include "unit_gradient.h"
 
 namespace fastkd::cpu {
 namespace {
@@ -283,9 +284,11 @@ struct MaskedPairwiseHuber : torch::autograd::Function<MaskedPairwiseHuber> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const at::Tensor stored = ctx->get_saved_variables()[0];
-    const at::Tensor upstream = ctx->saved_data["per_group"].toBool() ? grads[0].reshape({-1, 1, 1}) : grads[0];
-    return {stored * upstream, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+    at::Tensor stored = ctx->get_saved_variables()[0];
+    if (!is_unit_gradient(grads[0])) {  // unit_gradient.h
+      stored = stored * (ctx->saved_data["per_group"].toBool() ? grads[0].reshape({-1, 1, 1}) : grads[0]);
+    }
+    return {stored, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor()};
   }
 };
