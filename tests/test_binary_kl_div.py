@@ -127,6 +127,19 @@ def test_gradcheck_float64(device):
             lambda a, b: fastkd.binary_kl_div(a, b, temperature=1.5, reduction=reduction), (s, t))
 
 
+@pytest.mark.parametrize("path", ["public", "registered op"])
+def test_gradgradcheck_float64(device, path):
+    """Double backward (create_graph=True) is exact: the eager paths and the registered op's autograd recompute
+    the gradient in differentiable torch ops."""
+    s, t = make_logits((3, 5), torch.float64, device)
+    for reduction in REDUCTIONS:
+        def loss(a, b):
+            if path == "public":
+                return fastkd.binary_kl_div(a, b, temperature=1.5, reduction=reduction)
+            return torch.ops.fastkd.binary_kl_div(a, b, 1.5, reduction)
+        assert torch.autograd.gradgradcheck(loss, (s.clone().requires_grad_(), t.clone().requires_grad_()))
+
+
 @pytest.mark.parametrize("reduction", ["none", "batchmean"])
 def test_opcheck(device, reduction):
     s, t = make_logits((3, 7), torch.float32, device)

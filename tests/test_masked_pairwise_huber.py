@@ -137,6 +137,20 @@ def test_gradcheck_float64(device):
             lambda s: fastkd.masked_pairwise_huber(s, teacher, mask, reduction=reduction), (student,), fast_mode=True)
 
 
+@pytest.mark.parametrize("path", ["public", "registered op"])
+def test_double_backward_raises(device, path):
+    """Differentiable once: create_graph=True gives the right gradient, and differentiating it raises."""
+    student, teacher, mask = make_inputs((3, 6, 4, 5), torch.float64, device, 0.7)
+    x = student.clone().requires_grad_()
+    loss = (fastkd.masked_pairwise_huber(x, teacher, mask) if path == "public"
+            else torch.ops.fastkd.masked_pairwise_huber(x, teacher, mask, 1.0, True, "official", 0.0)[0])
+    grad, = torch.autograd.grad(loss, x, create_graph=True)
+    expected, = torch.autograd.grad(reference.masked_pairwise_huber(x, teacher, mask), x)
+    torch.testing.assert_close(grad, expected)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        grad.square().sum().backward()
+
+
 def test_opcheck(device):
     student, teacher, mask = make_inputs((3, 7, 5, 6), torch.float32, device, 0.6)
     torch.library.opcheck(torch.ops.fastkd.masked_pairwise_huber.default,

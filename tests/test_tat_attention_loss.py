@@ -125,6 +125,19 @@ def test_gradcheck_float64(device):
             lambda *x: fastkd.tat_attention_loss(*x, scale=0.7, reduction=reduction), inputs, fast_mode=True)
 
 
+@pytest.mark.parametrize("path", ["public", "registered op"])
+def test_double_backward_raises(device, path):
+    """Differentiable once: create_graph=True gives the right gradient, and differentiating it raises."""
+    inputs = make_inputs((2, 5, 7, 4, 3), torch.float64, device)
+    loss = (fastkd.tat_attention_loss(*inputs) if path == "public"
+            else torch.ops.fastkd.tat_attention_loss(*inputs, 1.0, "mean", True)[0])
+    grads = torch.autograd.grad(loss, inputs[:3], create_graph=True)
+    expected = torch.autograd.grad(reference.tat_attention_loss(*inputs), inputs[:3])
+    torch.testing.assert_close(grads, expected)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        grads[0].square().sum().backward()
+
+
 def test_opcheck(device):
     inputs = make_inputs((2, 9, 11, 6, 5), torch.float32, device)
     torch.library.opcheck(torch.ops.fastkd.tat_attention_loss.default, (*inputs, 1.0, "mean", True))

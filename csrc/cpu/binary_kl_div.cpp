@@ -133,22 +133,34 @@ std::vector<at::Tensor> binary_kl_div_with_grad(const at::Tensor& student, const
 }
 
 // The eager CPU autograd node: forward = loss and gradients in one pass; backward = gradients x upstream (a 0-dim
-// upstream multiplies on TensorIterator's scalar path; an upstream of exactly 1 passes them on: unit_gradient.h).
+// upstream multiplies on TensorIterator's scalar path; an upstream of exactly 1 passes them on: unit_gradient.h),
+// or, under create_graph=True, the gradients recomputed in differentiable ops.
 struct BinaryKLDiv : torch::autograd::Function<BinaryKLDiv> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
                             double temperature, c10::string_view reduction) {
-    std::vector<at::Tensor> out =
-        binary_kl_div_with_grad(student, teacher, temperature, reduction, ctx->needs_input_grad(1));
-    ctx->save_for_backward(variable_list(out.begin() + 1, out.end()));
+    const bool teacher_grad = ctx->needs_input_grad(1);
+    std::vector<at::Tensor> out = binary_kl_div_with_grad(student, teacher, temperature, reduction, teacher_grad);
+    // stored gradients, then the inputs for create_graph=True
+    ctx->save_for_backward({out[1], teacher_grad ? out[2] : at::Tensor(), student, teacher});
+    ctx->saved_data["scale"] = (reduction == "none" ? 1.0 : loss_scale(student, reduction)) / temperature;
+    ctx->saved_data["temperature"] = temperature;
     return out[0];
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list stored = ctx->get_saved_variables();
-    if (!is_unit_gradient(grads[0])) {
-      for (at::Tensor& grad : stored) grad = grad * grads[0];
+    variable_list saved = ctx->get_saved_variables();
+    at::Tensor ds = saved[0], dt = saved[1];
+    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable ATen ops, so double backward is exact
+      const double temperature = ctx->saved_data["temperature"].toDouble();
+      const at::Tensor a = saved[2] / temperature, b = saved[3] / temperature;
+      const at::Tensor c = grads[0] * ctx->saved_data["scale"].toDouble(), sig_b = b.sigmoid();
+      ds = c * (a.sigmoid() - sig_b);
+      dt = dt.defined() ? c * sig_b * (-b).sigmoid() * (b - a) : dt;
+    } else if (!is_unit_gradient(grads[0])) {
+      ds = ds * grads[0];
+      dt = dt.defined() ? dt * grads[0] : dt;
     }
-    return {stored[0], stored.size() > 1 ? stored[1] : at::Tensor(), at::Tensor(), at::Tensor()};
+    return {ds, dt, at::Tensor(), at::Tensor()};
   }
 };
 

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 
 #include "masked_pairwise_huber.h"
 #include "unit_gradient.h"
@@ -287,6 +288,13 @@ struct MaskedPairwiseHuber : torch::autograd::Function<MaskedPairwiseHuber> {
     at::Tensor stored = ctx->get_saved_variables()[0];
     if (!is_unit_gradient(grads[0])) {  // unit_gradient.h
       stored = stored * (ctx->saved_data["per_group"].toBool() ? grads[0].reshape({-1, 1, 1}) : grads[0]);
+    }
+    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiating this gradient raises, as in
+                                       // fastkd/ops/differentiable_once.py
+      auto error = std::make_shared<torch::autograd::DelayedError>(
+          "fastkd's masked_pairwise_huber is differentiable once: its gradient has no gradient (create_graph=True)",
+          1);
+      stored = (*error)({stored.detach().requires_grad_()})[0];
     }
     return {stored, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor()};

@@ -26,8 +26,9 @@ def masked_pairwise_huber(student: torch.Tensor, teacher: torch.Tensor, mask: to
     reduction: "official" = sum_g loss_g / n_g; "sum"; "mean" = sum_g loss_g / number of ordered pairs
     counted (0 if none); "none" = loss_g, shape (G,). Groups with 0 or 1 members contribute 0.
 
-    The teacher is a target: it gets no gradient. Identical embeddings in a group give distances
-    sqrt(1e-12) (finite, zero gradient through the clamp, as in the official code). When a group's
+    The teacher is a target: it gets no gradient. Differentiable once: differentiating the gradient
+    (create_graph=True) raises. Identical embeddings in a group give distances sqrt(1e-12) (finite, zero
+    gradient through the clamp, as in the official code). When a group's
     student embeddings nearly coincide (e.g. a small student at random init), normalising by their tiny
     mean makes the gradient huge (~1 / mean): `mean_floor` (e.g. 1e-2 of the embedding norm scale)
     bounds it; the default reproduces the official code.
@@ -99,8 +100,9 @@ def led_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, targets: torc
 
 def _led(student_emb, teacher_emb, targets, cd_weight, id_weight, process_group, delta=1.0, normalize=True,
          reduction="official", mean_floor=0.0):
-    """cd_weight * CD + id_weight * ID through one op call: CD's groups are the (Q, B, D) view's rows, ID's the
-    rows of the transposed problem; ID alone runs on (B, Q, D) itself (so that reduction "none" gives (B,))."""
+    """cd_weight * CD + id_weight * ID through one op call on (B, Q, D) as given: ID's groups are its rows (dim 0),
+    CD's those of the transposed problem (no views, so no view nodes in the graph). CD over DDP, or alone with
+    reduction "none" (loss (Q,)), takes the dim-0 slot of the (Q, B, D) view instead."""
     check_float_tensor("student_emb", student_emb)
     check_float_tensor("teacher_emb", teacher_emb)
     check_same_device_and_dtype("teacher_emb", teacher_emb, "student_emb", student_emb)
@@ -116,12 +118,13 @@ def _led(student_emb, teacher_emb, targets, cd_weight, id_weight, process_group,
         raise ValueError("reduction 'none' gives one loss per group, and CD and ID have different groups: set "
                          "cd_weight or id_weight to 0, or use led_cd_loss and led_id_loss")
     student, teacher = student_emb, teacher_emb.detach()
-    if not cd_weight:  # ID alone
+    group = _group(process_group, reduction) if cd_weight else None
+    if group is None and not (cd_weight and reduction == "none"):
         return ops.masked_pairwise_huber.masked_pairwise_huber(student, teacher, targets, *options, None,
-                                                               weight=id_weight)
+                                                               weight=id_weight, transposed_weight=cd_weight)
     return ops.masked_pairwise_huber.masked_pairwise_huber(
-        student.transpose(0, 1), teacher.transpose(0, 1), targets.T, *options, _group(process_group, reduction),
-        weight=cd_weight, transposed_weight=id_weight)
+        student.transpose(0, 1), teacher.transpose(0, 1), targets.T, *options, group, weight=cd_weight,
+        transposed_weight=id_weight)
 
 
 def _check_weight(name, value) -> float:

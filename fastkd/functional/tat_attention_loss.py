@@ -31,6 +31,7 @@ def tat_attention_loss(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     reduction: "mean" over B * N * Cv elements (= ``F.mse_loss(out, target)``, the official default), "sum",
     or "none" (per batch item sums, shape (B,)). scale = 1.0 is the official choice (no 1 / sqrt(d)).
     Gradients reach query, key, value, and target when it requires grad (detach the teacher otherwise).
+    Differentiable once: differentiating the gradient (create_graph=True) raises.
     fp16/bf16 accumulate in fp32. Official roles (classification): query = gamma(student), key = teacher,
     value = phi(student), target = teacher; see fastkd.nn.TaTLoss. No host sync.
     """

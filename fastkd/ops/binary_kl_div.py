@@ -25,11 +25,25 @@ def _setup_context(ctx, inputs, output):
 
 
 def _grads(ctx, grad, backward):
-    """The autograd formula, for the registered op (backward = the backward op) and the eager Function."""
+    """The autograd formula, for the registered op (backward = the backward op) and the eager Function; under
+    create_graph=True in plain torch ops, so that double backward is exact."""
     student, teacher = ctx.saved_tensors
     teacher_grad = ctx.needs_input_grad[1]
+    if torch.is_grad_enabled():
+        backward = _differentiable_backward
     grads = backward(grad, student, teacher, ctx.temperature, ctx.reduction, teacher_grad)
     return grads[0], (grads[1] if teacher_grad else None), None, None
+
+
+def _differentiable_backward(grad, student, teacher, temperature, reduction, teacher_grad):
+    """The backward op's math in differentiable torch ops: with a = z_s / T, b = z_t / T and c = grad x the
+    reduction's scale / T, d/dz_s = c (sigmoid(a) - sigmoid(b)) and d/dz_t = c sigmoid(b) sigmoid(-b) (b - a)."""
+    count = {"sum": 1, "none": 1, "mean": student.numel(), "batchmean": student.shape[0]}[reduction]
+    a, b = student / temperature, teacher / temperature
+    c = grad / (count * temperature)
+    sig_b = torch.sigmoid(b)
+    grads = [c * (torch.sigmoid(a) - sig_b)]
+    return grads + [c * sig_b * torch.sigmoid(-b) * (b - a)] if teacher_grad else grads
 
 
 class _Eager(torch.autograd.Function):

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from fastkd._extension import EXTENSION_ERROR
 from fastkd.kernels.common import acc_dtype
+from fastkd.ops.differentiable_once import differentiable_once
 from fastkd.ops.registry import kernels, register
 
 FAMILY = "masked_pairwise_huber"
@@ -34,6 +35,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(student, teacher, mask, output[1])
 
 
+@differentiable_once(FAMILY)
 def _op_backward(ctx, grad, _grad_stats):
     student, teacher, mask, stats = ctx.saved_tensors
     grad_student = torch.ops.fastkd.masked_pairwise_huber_backward(grad, student, teacher, mask, stats, ctx.delta,
@@ -112,6 +114,7 @@ class _Eager(torch.autograd.Function):
         return _weighted_sum(losses)
 
     @staticmethod
+    @differentiable_once(FAMILY)
     def backward(ctx, grad):
         saved, grad_student = ctx.saved_tensors, None
         for i, (w, transposed, rows, world, packed) in enumerate(ctx.terms):

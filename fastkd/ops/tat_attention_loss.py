@@ -11,6 +11,7 @@ import torch
 
 from fastkd._extension import EXTENSION_ERROR
 from fastkd.kernels.common import acc_dtype, loss_scale
+from fastkd.ops.differentiable_once import differentiable_once
 from fastkd.ops.registry import kernels, register
 
 FAMILY = "tat_attention_loss"
@@ -87,6 +88,7 @@ class _Eager(torch.autograd.Function):
         return _reduce(losses, target, reduction)
 
     @staticmethod
+    @differentiable_once(FAMILY)
     def backward(ctx, grad):
         if not ctx.stored_grads:
             return _grads(ctx, grad, lambda *args: _backward(kernels(FAMILY, grad), *args))[:6]
@@ -117,7 +119,8 @@ if EXTENSION_ERROR is None:  # the schemas come with fastkd._C
     torch.library.register_fake("fastkd::tat_attention_loss_backward", _backward_fake)
     torch.library.register_autograd(
         "fastkd::tat_attention_loss",
-        lambda ctx, grad, *_: _grads(ctx, grad, torch.ops.fastkd.tat_attention_loss_backward),
+        differentiable_once(FAMILY)(
+            lambda ctx, grad, *_: _grads(ctx, grad, torch.ops.fastkd.tat_attention_loss_backward)),
         setup_context=_setup_context)
     register("tat_attention_loss", FAMILY, _forward)
     register("tat_attention_loss_backward", FAMILY, _backward)
