@@ -85,6 +85,10 @@ class TaTSegConfig(RunConfig):
     tat_warmup_epochs: int = option(4, "the TaT term's weight rises linearly over the first K student epochs, "
                                     "epoch e (from 0) weighing min(1, (e + 1) / (K + 1)) (official: 0, full "
                                     "from the start)", check=">=0")
+    tat_scale: float = option(1.0, "the attention logits' factor, softmax(scale q k^T) (official 1: no "
+                              "1/sqrt(d))", check=">0")
+    embed_bn: str = option("batch", "statistics of the TaT embeddings' BN: batch (the whole batch) or per-image "
+                           "(official: each image alone)", choices=("batch", "per-image"))
     loss_impl: str = option("fastkd", "fastkd's ops or the plain reference formulas", choices=("fastkd", "reference"))
     methods: Tuple[str, ...] = option(tuple(METHODS), "comma-separated students to train", choices=METHODS,
                                       affects_results=False)
@@ -151,9 +155,9 @@ PRESETS = {
 
 def reference_hierarchical(head: HierarchicalTaTLoss, student, teacher):
     """HierarchicalTaTLoss written out with fastkd.reference (official regroupings, materialised softmax)."""
-    maps = (head.query_embed(student), head.key_embed(teacher), head.value_embed(student), teacher)
+    maps = head.embed(student, teacher)
     return head.alpha * reference.hierarchical_tat_loss(*maps, head.grid, head.groups, head.anchor_grid,
-                                                        head.beta, head.gamma)
+                                                        head.beta, head.gamma, head.scale)
 
 
 def load_data(cfg: TaTSegConfig) -> dict:
@@ -201,7 +205,8 @@ def build_student(method: str, cfg: TaTSegConfig, dataset) -> recipe.StudentWith
         settings = cfg.tat_settings()
         settings["beta"] = settings["beta"] if patch else 0.0
         settings["gamma"] = settings["gamma"] if anchor else 0.0
-        head = HierarchicalTaTLoss(net.channels, cfg.teacher_decoder_channels, **settings)
+        head = HierarchicalTaTLoss(net.channels, cfg.teacher_decoder_channels, **settings, scale=cfg.tat_scale,
+                                   per_image_bn=cfg.embed_bn == "per-image")
     return recipe.StudentWithHead(net, head, reference_hierarchical, cfg.loss_impl)
 
 
