@@ -380,11 +380,11 @@ def test_per_image_embedding_bn_is_the_mean_of_one_image_losses():
 
 def test_segmentation_options_reach_the_tat_head():
     data = DigitSegmentation("train", 1, SEGMENT)
-    cfg = tat_seg.config_with(**TINY_SEG, tat_scale=0.25, embed_bn="per-image")
+    cfg = tat_seg.config_with(**TINY_SEG, tat_scale=0.25, embed_bn="batch")
     head = tat_seg.build_student("tat", cfg, data).head
-    assert head.scale == 0.25 and head.per_image_bn
+    assert head.scale == 0.25 and not head.per_image_bn
     default = tat_seg.build_student("tat", tat_seg.config_with(**TINY_SEG), data).head
-    assert default.scale == 1.0 and not default.per_image_bn  # official scale, whole-batch BN
+    assert default.scale == 1.0 and default.per_image_bn  # official: scale 1, per-image BN
 
 
 def test_segmentation_presets_carry_the_official_settings():
