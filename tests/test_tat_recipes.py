@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,13 +24,15 @@ from fastkd.data.sbd import SBDSegmentation, VOCTrainAug  # noqa: E402
 from fastkd.data.voc_segmentation import VOCSegmentation2012  # noqa: E402
 from fastkd.metrics import confusion_matrix, segmentation_scores  # noqa: E402
 from fastkd.models import Classifier, DeepLabV3Plus, from_torchvision_resnet  # noqa: E402
-from fastkd.nn import TaTLoss  # noqa: E402
+from fastkd.nn import HierarchicalTaTLoss, TaTLoss  # noqa: E402
 from fastkd.recipes import cli, distributed, engine, tat, tat_seg  # noqa: E402
 from fastkd.recipes.teacher_features import WithTeacherFeatures  # noqa: E402
 from tests.conftest import free_port, torchrun_environment, without_seconds  # noqa: E402
 
 NUMBERS = NumberCanvasConfig(size=16, digit_sizes=(6, 8), distractors=1, distractor_sizes=(3, 4), jitter=1)
 SEGMENT = SegmentationCanvasConfig(size=16, digit_sizes=(6, 10), max_digits=2)
+SEGMENT_DISTRACTORS = SegmentationCanvasConfig(size=16, digit_sizes=(6, 10), max_digits=2, distractors=2,
+                                               distractor_sizes=(3, 5))
 TINY = dict(canvas=NUMBERS, teacher_backbone="cnn-4-8", student_backbone="cnn-4-4", batch_size=16)
 TINY_SEG = dict(canvas=SEGMENT, teacher_backbone="cnn-4-4-4-8", student_backbone="cnn-4-4-4-4",
                 teacher_decoder_channels=8, student_decoder_channels=4, grid=(2, 2), groups=2, anchor_grid=(2, 2),
@@ -38,7 +41,8 @@ CPU = distributed.Context(0, 1, torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------------------------------ built-in data
-@pytest.mark.parametrize("generate,config", [(generate_numbers, NUMBERS), (generate_segmentation, SEGMENT)])
+@pytest.mark.parametrize("generate,config", [(generate_numbers, NUMBERS), (generate_segmentation, SEGMENT),
+                                             (generate_segmentation, SEGMENT_DISTRACTORS)])
 def test_built_in_data_is_deterministic_and_splits_share_no_source_digit(generate, config):
     first, again, other = generate("train", 40, config, 0), generate("train", 40, config, 0), generate(
         "train", 40, config, 1)
@@ -66,6 +70,16 @@ def test_segmentation_masks_mark_digit_pixels():
     ink = data.masks > 0
     assert 0.02 < ink.float().mean() < 0.6  # digits cover some, not most, of each canvas
     assert data.images[:, 0][ink].mean() > data.images[:, 0][~ink].mean() + 0.3  # the mask is where the ink is
+
+
+def test_segmentation_distractors_are_drawn_and_labelled_background():
+    only = SegmentationCanvasConfig(size=16, min_digits=0, max_digits=0, distractors=2, distractor_sizes=(4, 6),
+                                    strokes=0, noise=0.0)
+    images, masks, sources = generate_segmentation("train", 20, only)
+    assert (images > 0.3).flatten(1).any(1).all()  # every canvas shows its distractors' ink
+    assert masks.eq(0).all() and sources.numel() == 0  # ... and none of it is labelled
+    plain = generate_segmentation("train", 20, replace(only, distractors=0))[0]
+    assert plain.eq(0).all()
 
 
 # ------------------------------------------------------------------------------------------------ loaders
@@ -350,6 +364,27 @@ def test_tat_warmup_ramps_the_segmentation_term():
         terms = step(student, batch, epoch)
         torch.testing.assert_close(terms["tat"], weight * full["tat"])
         torch.testing.assert_close(terms["ce"], full["ce"])
+
+
+def test_per_image_embedding_bn_is_the_mean_of_one_image_losses():
+    """Official per-image BN: the batch loss is the mean of the losses of each image alone (train mode)."""
+    torch.manual_seed(0)
+    head = HierarchicalTaTLoss(4, 8, grid=(2, 2), groups=2, anchor_grid=(2, 2), alpha=0.5, gamma=0.4,
+                               per_image_bn=True).double().train()
+    student, teacher = torch.randn(3, 4, 8, 8, dtype=torch.double), torch.randn(3, 8, 8, 8, dtype=torch.double)
+    alone = torch.stack([head(student[i:i + 1], teacher[i:i + 1]) for i in range(3)]).mean()
+    torch.testing.assert_close(head(student, teacher), alone)
+    head.per_image_bn = False  # whole-batch BN statistics: another loss
+    assert not torch.allclose(head(student, teacher), alone)
+
+
+def test_segmentation_options_reach_the_tat_head():
+    data = DigitSegmentation("train", 1, SEGMENT)
+    cfg = tat_seg.config_with(**TINY_SEG, tat_scale=0.25, embed_bn="batch")
+    head = tat_seg.build_student("tat", cfg, data).head
+    assert head.scale == 0.25 and not head.per_image_bn
+    default = tat_seg.build_student("tat", tat_seg.config_with(**TINY_SEG), data).head
+    assert default.scale == 1.0 and default.per_image_bn  # official: scale 1, per-image BN
 
 
 def test_segmentation_presets_carry_the_official_settings():

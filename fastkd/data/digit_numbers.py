@@ -7,7 +7,8 @@ Gaussian noise. (Unordered: a classifier that averages its last feature map over
 is left; the pair is what it must recognise.) Segmentation
 (`DigitSegmentation`): canvases holding 1-4 digits at random places and sizes over the same clutter, with a
 per-pixel class mask: 0 background, 1 + d for the pixels of a digit d (where its ink exceeds `ink`; a later
-digit covers an earlier one). Both draw every digit image from one split of the 1797 source images
+digit covers an earlier one); `distractors` smaller digits, drawn first, stay background (a model must tell
+them from the labelled digits by their size). Both draw every digit image from one split of the 1797 source images
 (`source_splits`: train/val/test disjoint), so no source digit appears in two splits, and both are
 deterministic functions of (split, size, config, seed).
 """
@@ -43,6 +44,8 @@ class SegmentationCanvasConfig:
     strokes: int = 4
     noise: float = 0.2
     ink: float = 0.3                 # a digit's pixel belongs to it where its (resized) ink exceeds this
+    distractors: int = 0             # smaller digits drawn first, under the others, and labelled background
+    distractor_sizes: tuple = (5, 8)
 
 
 def _check_split(split: str) -> None:
@@ -79,6 +82,17 @@ def _randint(low: int, high: int, gen) -> int:
     return int(torch.randint(low, high + 1, (), generator=gen))
 
 
+def _add_distractors(canvas: torch.Tensor, gen, config, images: _Resized, by_class) -> None:
+    """Draw config.distractors digits of random class, side in config.distractor_sizes (at most the canvas) and
+    place onto canvas (S, S) in place (pixel-wise max); they are part of no label."""
+    size = canvas.shape[-1]
+    for _ in range(config.distractors):
+        side = min(_randint(*config.distractor_sizes, gen), size)
+        digit, _ = _draw(images, by_class, _randint(0, 9, gen), side, gen)
+        y, x = _randint(0, size - side, gen), _randint(0, size - side, gen)
+        canvas[y:y + side, x:x + side] = torch.maximum(canvas[y:y + side, x:x + side], digit)
+
+
 def generate_numbers(split: str, num_samples: int, config: NumberCanvasConfig = NumberCanvasConfig(),
                      seed: int = 0):
     """(images (n, 1, S, S) float32, labels (n,) long in [0, 55) (PAIRS[label] = the digits), sources (n, 2)
@@ -95,11 +109,7 @@ def generate_numbers(split: str, num_samples: int, config: NumberCanvasConfig = 
     for i in range(num_samples):
         canvas = canvases[i]
         _add_strokes(canvas, gen, config)
-        for _ in range(config.distractors):
-            side = _randint(*config.distractor_sizes, gen)
-            digit, _ = _draw(images, by_class, _randint(0, 9, gen), side, gen)
-            y, x = _randint(0, size - side, gen), _randint(0, size - side, gen)
-            canvas[y:y + side, x:x + side] = torch.maximum(canvas[y:y + side, x:x + side], digit)
+        _add_distractors(canvas, gen, config, images, by_class)
         pair = PAIRS[int(labels[i])]
         if torch.rand((), generator=gen) < 0.5:
             pair = pair[::-1]
@@ -127,6 +137,7 @@ def generate_segmentation(split: str, num_samples: int,
     for i in range(num_samples):
         canvas = canvases[i]
         _add_strokes(canvas, gen, config)
+        _add_distractors(canvas, gen, config, images, by_class)
         for slot in range(_randint(config.min_digits, config.max_digits, gen)):
             digit_class = _randint(0, 9, gen)
             side = min(_randint(*config.digit_sizes, gen), size)

@@ -1,5 +1,6 @@
 """TaT (target-aware transformer) distillation losses as nn.Modules: classification (one-to-all attention over
 the whole map) and segmentation (patch groups + anchor points), with the official embeddings."""
+import torch
 from torch import Tensor, nn
 
 from fastkd.functional import anchor_pool, patch_group, tat_attention_loss
@@ -81,14 +82,17 @@ class HierarchicalTaTLoss(nn.Module):
     groups)`` sequences of q, k, v, target; anchor-point term: the same on ``anchor_pool(., anchor_grid)``.
     A zero weight skips its term. ``HierarchicalTaTLoss.from_config(name, Cs)`` builds one of the four official
     configs (SEGMENTATION_CONFIGS: voc_resnet18, voc_mobilenet, cocostuff_resnet18, cocostuff_mobilenet),
-    whose loss is CE + this module's output. Difference: the official code feeds one image at a time through
-    the embeddings (BN statistics of a batch of one) and averages the per-image losses; here BN sees the whole
-    batch (the per-image mean of equal-size terms is the same mean).
+    whose loss is CE + this module's output. The official code feeds one image at a time through the
+    embeddings (BN statistics of one image's H * W positions) and averages the per-image losses:
+    ``per_image_bn=True``; by default (False) BN sees the whole batch (the per-image mean of equal-size terms is
+    the same mean, so only the BN statistics differ).
     """
 
     def __init__(self, student_channels: int, teacher_channels: int, *, grid, groups: int, anchor_grid,
-                 alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0, scale: float = 1.0):
+                 alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0, scale: float = 1.0,
+                 per_image_bn: bool = False):
         super().__init__()
+        self.per_image_bn = per_image_bn
         self.channels = (student_channels, teacher_channels)
         self.grid, self.groups, self.anchor_grid = tuple(grid), groups, tuple(anchor_grid)
         self.alpha, self.beta, self.gamma, self.scale = alpha, beta, gamma, scale
@@ -102,11 +106,20 @@ class HierarchicalTaTLoss(nn.Module):
             raise ValueError(f"name must be one of {tuple(SEGMENTATION_CONFIGS)}, got {name!r}")
         return cls(student_channels, teacher_channels, **SEGMENTATION_CONFIGS[name])
 
-    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+    def embed(self, student: Tensor, teacher: Tensor) -> tuple:
+        """(q, k, v, target): the embedded (B, Ct, H, W) maps and the detached teacher; with per_image_bn each
+        image goes through the embeddings alone (in training, BN normalises over its own positions)."""
         _check_pair(student, teacher, *self.channels)
         target = teacher.detach()
-        maps = (self.query_embed(student), self.key_embed(target), self.value_embed(student), target)
-        loss = student.new_zeros(())
+
+        def run(embed, x):
+            return torch.cat([embed(x[i:i + 1]) for i in range(len(x))]) if self.per_image_bn else embed(x)
+
+        return run(self.query_embed, student), run(self.key_embed, target), run(self.value_embed, student), target
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        maps = self.embed(student, teacher)
+        loss = maps[0].new_zeros(())
         if self.beta:
             loss = loss + self.beta * tat_attention_loss(*(patch_group(x, self.grid, self.groups) for x in maps),
                                                          scale=self.scale)
@@ -117,4 +130,4 @@ class HierarchicalTaTLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"grid={self.grid}, groups={self.groups}, anchor_grid={self.anchor_grid}, alpha={self.alpha}, "
-                f"beta={self.beta}, gamma={self.gamma}, scale={self.scale}")
+                f"beta={self.beta}, gamma={self.gamma}, scale={self.scale}, per_image_bn={self.per_image_bn}")

@@ -44,9 +44,10 @@ def anchor_pool_official(x, grid):
     return torch.nn.AvgPool2d(kernel, kernel)(x).flatten(2).transpose(1, 2)
 
 
-def hierarchical_tat_loss(query, key, value, target, grid, groups, anchor_grid, beta, gamma):
+def hierarchical_tat_loss(query, key, value, target, grid, groups, anchor_grid, beta, gamma, scale=1.0):
     """Official segmentation TaT loss on embedded (B, C, H, W) maps: beta * patch-group term + gamma *
-    anchor-point term, each an mse_loss of the attention output against the regrouped target."""
-    patch = tat_attention_loss(*(patch_group_official(x, grid, groups) for x in (query, key, value, target)))
-    anchor = tat_attention_loss(*(anchor_pool_official(x, anchor_grid) for x in (query, key, value, target)))
+    anchor-point term, each an mse_loss of the attention output against the regrouped target (attention logits
+    times scale; official 1)."""
+    patch = tat_attention_loss(*(patch_group_official(x, grid, groups) for x in (query, key, value, target)), scale)
+    anchor = tat_attention_loss(*(anchor_pool_official(x, anchor_grid) for x in (query, key, value, target)), scale)
     return beta * patch + gamma * anchor
