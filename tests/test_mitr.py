@@ -162,6 +162,17 @@ def test_bad_inputs_are_named():
         mitr("tiny", 10, in_channels=1)(torch.randn(2, 3, 48, 48))
     with pytest.raises(ValueError, match="num_classes"):
         MITr(variant_spec("tiny"), 0)
+    with pytest.raises(ValueError, match="image_size must be >= 32"):
+        variant_spec("tiny", 24, patch=4)  # three halvings of 4 px patches need 32 px
+    with pytest.raises(ValueError, match="patch must be >= 1"):
+        variant_spec("tiny", 48, patch=0)
+
+
+def test_patch_option():
+    spec = variant_spec("tiny", 48, patch=4)
+    assert (spec.patch, spec.image_size, variant_spec("tiny").patch) == (4, 48, 2)
+    model = MITr(spec, 10, 1)
+    assert model.features(torch.randn(2, 1, 48, 48)).shape == (2, 128, 2, 2)  # maps 12, 6, 3, 2
 
 
 def _compile_check(backend, device):

@@ -16,7 +16,7 @@ from fastkd.recipes import cli, distributed, engine, l2d, mltr  # noqa: E402
 from tests.conftest import free_port, ranks_that_agree, torchrun_environment, without_seconds  # noqa: E402
 from tests.test_l2d_recipe import _write_image_list  # noqa: E402
 
-SMALL = dict(canvas=CanvasConfig(size=24, digit_sizes=(8, 12), max_digits=3))
+SMALL = dict(canvas=CanvasConfig(size=32, digit_sizes=(12, 16), max_digits=3, grid=2))
 SMOKE = ["--preset", "smoke", "--train-samples", "32", "--test-samples", "16", "--batch-size", "16"]
 
 
@@ -32,7 +32,7 @@ def test_each_rung_takes_a_step_with_its_terms(rung):
     assert set(terms) == ({"asl", "count"} if rung == "count-token" else {"asl"})
     torch.testing.assert_close(terms["asl"], fastkd.asymmetric_loss(logits, targets))
     if "count" in terms:
-        torch.testing.assert_close(terms["count"], fastkd.object_count_loss(count_logits, targets))
+        torch.testing.assert_close(terms["count"], cfg.count_weight * fastkd.object_count_loss(count_logits, targets))
     sum(terms.values()).backward()
     assert all(p.grad is not None for p in model.parameters())  # every part of the rung is trained
 
@@ -53,7 +53,10 @@ def test_cli_prints_the_ladder_and_writes_the_report(tmp_path, capsys):
 def test_bad_options_are_named(capsys):
     for argv, message in ((["--rungs", "window,swin"], "unknown ['swin']"),
                           (["--cross-heads", "3"], "--cross-heads 3 must divide window^2 = 16"),
-                          (["--canvas-size", "8"], "image_size must be >= 16")):
+                          (["--canvas-size", "8"], "image_size must be >= 32"),
+                          (["--canvas-size", "24", "--patch", "2", "--canvas-digit-sizes", "8,12", "--canvas-grid",
+                            "1"], "max_digits 4 needs a grid of at least that many cells"),
+                          (["--patch", "0"], "--patch")):
         with pytest.raises(SystemExit):
             cli.main(["mltr", *argv])
         assert message in capsys.readouterr().err
@@ -63,7 +66,7 @@ def test_real_dataset(tmp_path):
     _write_image_list(tmp_path, "train", 8)
     _write_image_list(tmp_path, "test", 4)
     cli.main(["mltr", "--dataset", "image-list", "--data-root", str(tmp_path), "--image-size", "16",
-              "--num-workers", "0", "--epochs", "1", "--batch-size", "4", "--rungs", "count-token", "--out-dir",
+              "--patch", "2", "--num-workers", "0", "--epochs", "1", "--batch-size", "4", "--rungs", "count-token", "--out-dir",
               str(tmp_path / "run")])
     state = torch.load(tmp_path / "run" / "count-token" / "last.pt", weights_only=True)["model"]
     assert state["encoder.patch_embed.weight"].shape[1] == 3 and state["count_head.1.weight"].shape[0] == 4

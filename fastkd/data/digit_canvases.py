@@ -1,7 +1,8 @@
 """Built-in multi-label data: canvases composed from scikit-learn's handwritten digits (no download).
 
 Each canvas holds 1-4 distinct digit classes (labels: which of the 10 classes appear), each drawn from a
-real 8x8 digit image, scaled to a random size and placed at a random position (overlaps allowed), over
+real 8x8 digit image, scaled to a random size and placed at a random position (overlaps allowed; or, with
+grid g > 0, each in its own cell of a g x g grid, centred with a small jitter: digit_grid.py), over
 background strokes and Gaussian noise. A label co-occurrence prior makes some classes appear together
 (class c's partner is (3c + 1) mod 10). The 1797 source digit images are split into train/val/test once,
 so no digit image appears in two splits. Everything is a deterministic function of the seed.
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from fastkd.data.digit_grid import check_grid, place_digits_on_grid
 
 NUM_CLASSES = 10
 SPLITS = ("train", "val", "test")
@@ -25,6 +28,8 @@ class CanvasConfig:
     strokes: int = 3                 # background clutter: short random line segments
     noise: float = 0.15              # std of the Gaussian pixel noise
     cooccurrence: float = 0.5        # chance the next class is the partner of one already present
+    grid: int = 0                    # 0: random positions; g: a g x g grid of cells, one digit a cell (digit_grid)
+    jitter: int = 2                  # grid only: max shift (px, each axis) of a digit from its cell's centre
 
 
 def _digits():
@@ -68,6 +73,7 @@ def generate_canvases(split: str, num_samples: int, config: CanvasConfig = Canva
     the source image index of each placed digit, -1 for none)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_grid(config)
     images, labels = _digits()
     pool = source_splits(seed)[split]
     by_class = [pool[labels[pool] == c] for c in range(NUM_CLASSES)]
@@ -86,8 +92,11 @@ def generate_canvases(split: str, num_samples: int, config: CanvasConfig = Canva
 def place_digits(canvas: torch.Tensor, gen: torch.Generator, config, images: torch.Tensor, by_class: list) -> list:
     """Draw the background strokes and the digits of one canvas (S, S) in place; [(class, source image index,
     box (x1, y1, x2, y2) of the digit's ink in pixel edges)] per placed digit, in drawing order. `config` needs
-    size, digit_sizes, strokes, min/max_digits and cooccurrence (CanvasConfig or alike)."""
+    size, digit_sizes, strokes, min/max_digits and cooccurrence (CanvasConfig or alike); a config with grid > 0
+    puts the digits on the grid's cells instead of random positions (digit_grid.place_digits_on_grid)."""
     _add_strokes(canvas, gen, config)
+    if getattr(config, "grid", 0):
+        return place_digits_on_grid(canvas, gen, config, images, by_class, _draw_classes(gen, config))
     placed = []
     for c in _draw_classes(gen, config):
         source = int(by_class[c][torch.randint(len(by_class[c]), (), generator=gen)])

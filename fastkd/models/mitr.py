@@ -262,10 +262,15 @@ def mitr(variant: str, num_classes: int, image_size: Optional[int] = None, in_ch
     return MITr(variant_spec(variant, image_size), num_classes, in_channels, **options)
 
 
-def variant_spec(variant: str, image_size: Optional[int] = None) -> MITrSpec:
+def variant_spec(variant: str, image_size: Optional[int] = None, patch: Optional[int] = None) -> MITrSpec:
+    """VARIANTS[variant], built for image_size and with patch side `patch` when given (else the variant's)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     spec = VARIANTS[variant]
+    if patch is not None:
+        if patch < 1:
+            raise ValueError(f"patch must be >= 1, got {patch}")
+        spec = replace(spec, patch=patch)
     if image_size is not None:
         if image_size < spec.patch * 8:
             raise ValueError(f"image_size must be >= {spec.patch * 8} for variant {variant!r} (patch {spec.patch}, "
