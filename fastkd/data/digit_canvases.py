@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastkd.data.digit_grid import check_grid, place_digits_on_grid
+from fastkd.data.digit_grid import check_grid, grid_cells, grid_position
 
 NUM_CLASSES = 10
 SPLITS = ("train", "val", "test")
@@ -93,17 +93,20 @@ def place_digits(canvas: torch.Tensor, gen: torch.Generator, config, images: tor
     """Draw the background strokes and the digits of one canvas (S, S) in place; [(class, source image index,
     box (x1, y1, x2, y2) of the digit's ink in pixel edges)] per placed digit, in drawing order. `config` needs
     size, digit_sizes, strokes, min/max_digits and cooccurrence (CanvasConfig or alike); a config with grid > 0
-    puts the digits on the grid's cells instead of random positions (digit_grid.place_digits_on_grid)."""
+    puts the digits on the grid's cells instead of random positions (digit_grid)."""
     _add_strokes(canvas, gen, config)
-    if getattr(config, "grid", 0):
-        return place_digits_on_grid(canvas, gen, config, images, by_class, _draw_classes(gen, config))
+    classes = _draw_classes(gen, config)
+    cells = grid_cells(gen, config, len(classes)) if getattr(config, "grid", 0) else None
     placed = []
-    for c in _draw_classes(gen, config):
+    for i, c in enumerate(classes):
         source = int(by_class[c][torch.randint(len(by_class[c]), (), generator=gen)])
         side = int(torch.randint(config.digit_sizes[0], config.digit_sizes[1] + 1, (), generator=gen))
         digit = F.interpolate(images[source][None, None], size=(side, side), mode="bilinear",
                               align_corners=False)[0, 0]
-        y, x = torch.randint(config.size - side + 1, (2,), generator=gen).tolist()
+        if cells is None:
+            y, x = torch.randint(config.size - side + 1, (2,), generator=gen).tolist()
+        else:
+            y, x = grid_position(cells[i], side, gen, config)
         canvas[y:y + side, x:x + side] = torch.maximum(canvas[y:y + side, x:x + side], digit)
         rows, cols = (digit > INK).any(1).nonzero()[:, 0], (digit > INK).any(0).nonzero()[:, 0]
         box = (x + int(cols[0]), y + int(rows[0]), x + int(cols[-1]) + 1, y + int(rows[-1]) + 1) if len(rows) else (
