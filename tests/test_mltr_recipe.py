@@ -66,8 +66,8 @@ def test_real_dataset(tmp_path):
     _write_image_list(tmp_path, "train", 8)
     _write_image_list(tmp_path, "test", 4)
     cli.main(["mltr", "--dataset", "image-list", "--data-root", str(tmp_path), "--image-size", "16",
-              "--patch", "2", "--num-workers", "0", "--epochs", "1", "--batch-size", "4", "--rungs", "count-token", "--out-dir",
-              str(tmp_path / "run")])
+              "--patch", "2", "--num-workers", "0", "--epochs", "1", "--batch-size", "4", "--rungs", "count-token",
+              "--out-dir", str(tmp_path / "run")])
     state = torch.load(tmp_path / "run" / "count-token" / "last.pt", weights_only=True)["model"]
     assert state["encoder.patch_embed.weight"].shape[1] == 3 and state["count_head.1.weight"].shape[0] == 4
 
